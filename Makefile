@@ -1,0 +1,49 @@
+# Estat — developer and operator commands.
+#   make run-local   venv + install + run on the local directory store (./estat-data)
+#   make test        venv + install with test extras + the whole suite (pytest)
+#   make build/push  the Docker image (IMAGE, TAG, AWS_ACCOUNT_ID, AWS_REGION, ECR_REPO)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+IMAGE ?= estat
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+AWS_REGION ?= ap-northeast-2
+AWS_ACCOUNT_ID ?=
+ECR_REPO ?= estat
+ECR_REGISTRY = $(AWS_ACCOUNT_ID).dkr.ecr.$(AWS_REGION).amazonaws.com
+
+.PHONY: venv run-local test test-fast bench build push clean
+
+$(STAMP): setup.cfg setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# editable_mode=compat puts the checkout on sys.path, which is what
+	# lets twistd find twisted/plugins/estat_plugin.py in a dev install.
+	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run-local: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= estat
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+build:
+	docker build -t $(IMAGE):$(TAG) .
+
+push: build
+	@test -n "$(AWS_ACCOUNT_ID)" || (echo "set AWS_ACCOUNT_ID (and AWS_REGION, ECR_REPO)"; exit 2)
+	aws ecr get-login-password --region $(AWS_REGION) | docker login --username AWS --password-stdin $(ECR_REGISTRY)
+	docker tag $(IMAGE):$(TAG) $(ECR_REGISTRY)/$(ECR_REPO):$(TAG)
+	docker push $(ECR_REGISTRY)/$(ECR_REPO):$(TAG)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info estat-data

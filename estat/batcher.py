@@ -1,0 +1,228 @@
+# -*- test-case-name: estat.test.test_batcher -*-
+"""
+The batcher: takes events off the L{EventQueue} and seals them into
+batches of C{BATCH_SIZE} events, or sooner when a batch's first event is
+C{FLUSH_INTERVAL} old.  An idle server seals nothing.
+
+Memory stays bounded: at most C{MAX_PENDING_BATCHES} sealed batches may be
+on their way to the store; while that many are, the batcher takes no more
+events, the queue fills, and the API answers 503.
+
+On stop it seals what it holds and what is still queued, and waits for
+every batch to be stored or dead-lettered.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .encoder import Batch
+from .keys import KeyMaker
+from .metrics import Metrics
+from .queue import EventQueue
+
+__all__ = ["Batcher"]
+
+
+@attr.s(eq=False)
+class Batcher(Service):
+    """
+    @ivar sink: C{Batch -> Deferred}, firing when the batch has a fate (the
+        uploader's C{upload}); it should never fail.
+    @ivar tick: how often the age of the open batch is checked, seconds.
+    """
+
+    log = Logger()
+
+    queue: EventQueue = attr.ib()
+    sink: Callable[[Batch], Deferred] = attr.ib()
+    key_maker: KeyMaker = attr.ib()
+    metrics: Metrics = attr.ib()
+    clock: IReactorTime = attr.ib()
+    batch_size: int = attr.ib(default=5000)
+    flush_interval: float = attr.ib(default=120.0)
+    max_pending: int = attr.ib(default=2)
+    tick: float = attr.ib(default=1.0)
+
+    _events: list | None = attr.ib(default=None, init=False)
+    _inflight: dict = attr.ib(factory=dict, init=False)
+    _slot_waiters: list = attr.ib(factory=list, init=False)
+    _idle_waiters: list = attr.ib(factory=list, init=False)
+    _getting: Deferred | None = attr.ib(default=None, init=False)
+    _loop: LoopingCall | None = attr.ib(default=None, init=False)
+    _consuming: Deferred | None = attr.ib(default=None, init=False)
+    _stopping: bool = attr.ib(default=False, init=False)
+
+    # --- service ---
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._loop = LoopingCall(self._check_age)
+        self._loop.clock = self.clock
+        self._loop.start(min(self.tick, self.flush_interval), now=False)
+        self._consuming = Deferred.fromCoroutine(self._consume())
+        self._consuming.addErrback(self._consume_died)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.drain()
+
+    def _consume_died(self, failure) -> None:
+        self.metrics.loop_errors.labels("batcher").inc()
+        self.log.failure("the batcher's consume loop died", failure)
+
+    # --- the state of the open batch ---
+
+    @property
+    def open_count(self) -> int:
+        return len(self._events) if self._events else 0
+
+    @property
+    def pending_batches(self) -> int:
+        return len(self._inflight)
+
+    def _has_slot(self) -> bool:
+        return len(self._inflight) < self.max_pending
+
+    def _wait_for_slot(self) -> Deferred:
+        if self._has_slot():
+            d = Deferred()
+            d.callback(None)
+            return d
+        d = Deferred(lambda d: self._slot_waiters.remove(d))
+        self._slot_waiters.append(d)
+        return d
+
+    def _add(self, events: list) -> None:
+        if self._events is None:
+            self._events = events
+        else:
+            self._events.extend(events)
+
+    def _seal(self, trigger: str) -> None:
+        events, self._events = self._events, None
+        if not events:
+            return
+        sealed_at = self.clock.seconds()
+        first_at = events[0][0]
+        key = self.key_maker.batch_key(first_at, sealed_at)
+        batch = Batch(
+            key=key,
+            poison_key=self.key_maker.poison_key(key),
+            events=events,
+            first_event_at=first_at,
+            sealed_at=sealed_at,
+        )
+        self.metrics.batches_sealed.labels(trigger).inc()
+        token = object()
+        self._inflight[token] = batch
+        self.metrics.batches_pending.set(len(self._inflight))
+        d = maybeDeferred(self.sink, batch)
+        d.addErrback(self._sink_failed, batch)
+        d.addBoth(self._batch_done, token)
+
+    def _sink_failed(self, failure, batch: Batch) -> None:
+        # The uploader promises never to fail; if it does, say so loudly.
+        self.metrics.loop_errors.labels("uploader").inc()
+        self.metrics.dlq_events_dropped.inc(batch.count)
+        self.metrics.events_dropped.labels("unexpected_error").inc(batch.count)
+        self.log.failure("batch {key} failed unexpectedly; {count} events lost",
+                         failure, key=batch.key, count=batch.count)
+
+    def _batch_done(self, _, token) -> None:
+        del self._inflight[token]
+        self.metrics.batches_pending.set(len(self._inflight))
+        if not self._inflight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+        while self._slot_waiters and self._has_slot():
+            self._slot_waiters.pop(0).callback(None)
+
+    # --- the two triggers ---
+
+    async def _consume(self) -> None:
+        try:
+            await self._consume_until_stopped()
+        except CancelledError:
+            if not self._stopping:
+                raise
+
+    async def _consume_until_stopped(self) -> None:
+        while not self._stopping:
+            if self._events is not None and len(self._events) >= self.batch_size:
+                await self._interruptible(self._wait_for_slot())
+                self._seal("size")
+                continue
+            if self._events is None:
+                # Never open a batch that could not be sealed.
+                await self._interruptible(self._wait_for_slot())
+            self._getting = self.queue.get()
+            try:
+                first = await self._getting
+            finally:
+                self._getting = None
+            self._add([first])
+            room = self.batch_size - len(self._events)
+            if room > 0 and len(self.queue):
+                self._add(self.queue.take(room))
+
+    async def _interruptible(self, d: Deferred) -> None:
+        self._getting = d
+        try:
+            await d
+        finally:
+            self._getting = None
+
+    def _check_age(self) -> None:
+        try:
+            if (
+                self._events
+                and self.clock.seconds() - self._events[0][0] >= self.flush_interval
+                and self._has_slot()
+            ):
+                self._seal("interval")
+        except Exception:
+            self.metrics.loop_errors.labels("batcher_tick").inc()
+            self.log.failure("error in the batcher's age check")
+
+    # --- shutdown ---
+
+    def drain(self) -> Deferred:
+        """
+        Stop taking part in the flow: seal the open batch and everything
+        still queued, and fire once every batch has a fate.  Call it after
+        the API has stopped accepting events.
+        """
+        self._stopping = True
+        self.queue.close()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._getting is not None:
+            self._getting.cancel()
+        self._seal("shutdown")
+        while len(self.queue):
+            self._add(self.queue.take(self.batch_size))
+            self._seal("shutdown")
+        self.log.info("draining: {batches} batches to store",
+                      batches=len(self._inflight))
+        return self.idle()
+
+    def idle(self) -> Deferred:
+        """
+        Fire once no batch is on its way to the store.
+        """
+        d = Deferred()
+        if self._inflight:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
+        return d

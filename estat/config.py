@@ -1,0 +1,317 @@
+# -*- test-case-name: estat.test.test_config -*-
+"""
+Estat's configuration: one table of settings, each an environment variable
+(the names and defaults of the original Go service), a twistd option, and a
+line in an optional ``.env`` file.
+
+Precedence: command-line option > process environment > ``.env`` > default.
+
+This module only parses; it never touches the network, the disk (beyond
+reading the ``.env`` file it is given) or the reactor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Callable, Mapping
+
+import attr
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SETTINGS",
+    "Setting",
+    "load_config",
+    "parse_duration",
+    "parse_http_addr",
+]
+
+
+class ConfigError(ValueError):
+    """
+    A setting has a value that cannot be used.  The message names the
+    setting and the value, on one line.
+    """
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a duration in Go's ``time.ParseDuration`` syntax (``3s``, ``120s``,
+    ``2m``, ``24h``, ``1h30m``, ``1.5s``, ``250ms``) into seconds.  ``0`` is
+    accepted alone.  Negative durations are refused: no setting means one.
+    """
+    s = text.strip()
+    if s in ("0", "+0"):
+        return 0.0
+    if s.startswith("+"):
+        s = s[1:]
+    if not s or s.startswith("-"):
+        raise ValueError(f"not a non-negative duration: {text!r}")
+    pos = 0
+    total = 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(f"not a duration: {text!r}")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip(), 10)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text.strip(), 10)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be a positive duration")
+    return value
+
+
+def _string(text: str) -> str:
+    return text.strip()
+
+
+def _non_empty_string(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _key_prefix(text: str) -> str:
+    value = text.strip().strip("/")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _gzip_level(text: str) -> int:
+    value = int(text.strip(), 10)
+    if not 1 <= value <= 9:
+        raise ValueError("must be between 1 and 9")
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return value
+
+
+def _cidr_list(text: str) -> tuple:
+    networks = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if part:
+            networks.append(ipaddress.ip_network(part, strict=False))
+    return tuple(networks)
+
+
+def _addressing_style(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "path", "virtual"):
+        raise ValueError("must be 'auto', 'path' or 'virtual'")
+    return value
+
+
+_GO_ADDR = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$")
+
+
+def parse_http_addr(text: str) -> str:
+    """
+    Turn ``HTTP_ADDR`` into a Twisted server endpoint description.
+
+    The Go forms ``:8080``, ``127.0.0.1:8080`` and ``[::1]:8080`` are
+    accepted, and so is any endpoint description Twisted understands
+    (``tcp:8080:interface=127.0.0.1``, ``unix:/run/estat.sock``).
+    """
+    value = text.strip()
+    m = _GO_ADDR.match(value)
+    if m is not None:
+        port = int(m.group("port"))
+        if port > 65535:
+            raise ValueError("port out of range")
+        host = m.group("v6") or m.group("host") or ""
+        if host:
+            if host == "localhost":
+                host = "127.0.0.1"
+            else:
+                ipaddress.ip_address(host)
+            return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+        return f"tcp:{port}"
+    if re.match(r"^(tcp|tcp6|unix|ssl|systemd):", value):
+        return value
+    raise ValueError("not an address like ':8080' or '127.0.0.1:8080'")
+
+
+@attr.s(frozen=True, slots=True)
+class Setting:
+    """
+    One configuration setting.
+
+    @ivar env: the environment variable's name (also the ``.env`` key).
+    @ivar attribute: the L{Config} attribute it fills.
+    @ivar default: the default, as the text a user would write.
+    @ivar parse: turns the text into the value, raising C{ValueError}.
+    @ivar help: one line for C{twistd estat --help}.
+    """
+
+    env: str = attr.ib()
+    default: str = attr.ib()
+    parse: Callable[[str], Any] = attr.ib()
+    help: str = attr.ib()
+
+    @property
+    def attribute(self) -> str:
+        return self.env.lower()
+
+    @property
+    def option(self) -> str:
+        return self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # The original service's table, same names, same defaults.
+    Setting("AWS_REGION", "ap-northeast-2", _non_empty_string, "AWS region of the bucket"),
+    Setting("RAW_BUCKET", "", _string, "S3 bucket for raw events; empty: use the local directory store"),
+    Setting("RAW_PREFIX", "raw", _key_prefix, "key prefix of stored batches"),
+    Setting("DLQ_PREFIX", "raw_dlq", _key_prefix, "key prefix for raw events that could not be encoded"),
+    Setting("HTTP_ADDR", ":8080", parse_http_addr, "listen address (':8080', '127.0.0.1:8080' or a Twisted endpoint)"),
+    Setting("MAX_BODY_SIZE", "16384", _positive_int, "largest accepted request body, bytes"),
+    Setting("CHANNEL_SIZE", "4000", _positive_int, "events the in-memory queue holds before answering 503"),
+    Setting("BATCH_SIZE", "5000", _positive_int, "events per stored object"),
+    Setting("FLUSH_INTERVAL", "120s", _positive_duration, "seal a batch when its first event is this old"),
+    Setting("S3_TIMEOUT", "3s", _positive_duration, "timeout of one upload attempt"),
+    Setting("S3_APP_RETRIES", "2", _non_negative_int, "retries of an upload after the first attempt"),
+    Setting("DLQ_DIR", "/tmp/dlq", _non_empty_string, "directory of the local dead-letter queue"),
+    Setting("DLQ_MAX_AGE", "24h", _positive_duration, "dead-letter files older than this are dropped"),
+    Setting("DLQ_MAX_SIZE_BYTES", "19327352832", _positive_int, "dead-letter queue size limit, bytes"),
+    # Estat's own settings.
+    Setting("LOCAL_STORE_DIR", "./estat-data", _non_empty_string, "directory store used when RAW_BUCKET is empty"),
+    Setting("S3_ENDPOINT_URL", "", _string, "S3-compatible endpoint (e.g. http://127.0.0.1:9000); empty: AWS"),
+    Setting("S3_ADDRESSING_STYLE", "auto", _addressing_style, "S3 addressing: auto, path or virtual"),
+    Setting("SHUTDOWN_TIMEOUT", "25s", _positive_duration, "deadline for a graceful shutdown (keep it below ECS's stopTimeout)"),
+    Setting("TRUSTED_PROXIES", "", _cidr_list, "CIDRs whose X-Forwarded-For is believed (e.g. the ALB subnets)"),
+    Setting("MAX_PENDING_BATCHES", "2", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
+    Setting("GZIP_LEVEL", "6", _gzip_level, "gzip compression level of stored objects"),
+    Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
+    Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
+)
+
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+@attr.s(frozen=True, slots=True, kw_only=True)
+class Config:
+    """
+    The parsed settings.  Durations are seconds (float), sizes are bytes.
+    """
+
+    aws_region: str = attr.ib()
+    raw_bucket: str = attr.ib()
+    raw_prefix: str = attr.ib()
+    dlq_prefix: str = attr.ib()
+    http_addr: str = attr.ib()
+    max_body_size: int = attr.ib()
+    channel_size: int = attr.ib()
+    batch_size: int = attr.ib()
+    flush_interval: float = attr.ib()
+    s3_timeout: float = attr.ib()
+    s3_app_retries: int = attr.ib()
+    dlq_dir: str = attr.ib()
+    dlq_max_age: float = attr.ib()
+    dlq_max_size_bytes: int = attr.ib()
+    local_store_dir: str = attr.ib()
+    s3_endpoint_url: str = attr.ib()
+    s3_addressing_style: str = attr.ib()
+    shutdown_timeout: float = attr.ib()
+    trusted_proxies: tuple = attr.ib()
+    max_pending_batches: int = attr.ib()
+    gzip_level: int = attr.ib()
+    instance_id: str = attr.ib()
+    log_format: str = attr.ib()
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> "Config":
+        """
+        The default configuration, with some attributes replaced; for tests
+        and embedding.
+        """
+        values = {s.attribute: s.parse(s.default) for s in SETTINGS}
+        values.update(overrides)
+        return cls(**values)
+
+
+def read_dotenv(path: str) -> dict[str, str]:
+    """
+    Read a ``.env`` file with python-dotenv (quoting, ``export``, comments
+    and escapes as docker-compose reads them).  A missing file is empty.
+    """
+    import os
+
+    from dotenv import dotenv_values
+
+    if not path or not os.path.isfile(path):
+        return {}
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def load_config(
+    options: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    dotenv: Mapping[str, str],
+) -> Config:
+    """
+    Build a L{Config} from the three sources, the first that has a value
+    winning: C{options} (keyed by L{Setting.attribute}, C{None} meaning
+    "not given"), then C{environ}, then C{dotenv}, then the default.
+
+    @raise ConfigError: naming the first bad setting and its value.
+    """
+    values = {}
+    for setting in SETTINGS:
+        text = options.get(setting.attribute)
+        source = "option --" + setting.option
+        if text is None:
+            text = environ.get(setting.env)
+            source = "environment"
+        if text is None:
+            text = dotenv.get(setting.env)
+            source = ".env"
+        if text is None:
+            text = setting.default
+            source = "default"
+        try:
+            values[setting.attribute] = setting.parse(text)
+        except ValueError as e:
+            raise ConfigError(
+                f"invalid {setting.env}={text!r} (from {source}): {e}"
+            ) from None
+    return Config(**values)

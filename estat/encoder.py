@@ -1,0 +1,116 @@
+# -*- test-case-name: estat.test.test_encoder -*-
+"""
+The encoder: a sealed batch becomes one gzip-compressed JSON Lines object.
+
+L{encode_batch} is CPU work (joining, JSON for the rare event the handler
+could not serialise, deflate, MD5) and must only ever run in a worker
+thread, never on the reactor thread.  One event that cannot be encoded
+never fails its batch: its raw original is set aside for the C{DLQ_PREFIX}
+key space and the rest is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+
+import attr
+
+from .event import SERVER_FIELD, UnencodedEvent
+
+__all__ = ["Batch", "EncodedObject", "content_md5", "encode_batch", "encode_object", "gzip_bytes"]
+
+
+@attr.s(slots=True, frozen=True)
+class Batch:
+    """
+    A sealed batch: its events and the keys it will be stored under.
+    """
+
+    key: str = attr.ib()
+    poison_key: str = attr.ib()
+    events: list = attr.ib(repr=False)  # of (received_at, bytes | UnencodedEvent)
+    first_event_at: float = attr.ib()
+    sealed_at: float = attr.ib()
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+
+@attr.s(slots=True, frozen=True)
+class EncodedObject:
+    """
+    One object for the store: a gzip JSON Lines body and the key it goes
+    under.  A batch gives one, or two when some of its events could not be
+    encoded (C{poison} is then true for the object of raw originals).
+
+    @ivar count: events in C{body}.
+    @ivar content_md5: base64 MD5 of C{body}, for C{Content-MD5}.
+    """
+
+    key: str = attr.ib()
+    body: bytes = attr.ib(repr=False)
+    count: int = attr.ib()
+    content_md5: str = attr.ib()
+    poison: bool = attr.ib(default=False)
+
+
+def gzip_bytes(data: bytes, level: int) -> bytes:
+    """
+    gzip C{data} with a zero mtime, so equal input gives equal output.
+    """
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+def content_md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+def _encode_slow(event: UnencodedEvent) -> bytes:
+    text = json.dumps(event.obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def _poison_line(event: UnencodedEvent, error: BaseException) -> bytes:
+    server = event.obj.get(SERVER_FIELD) if isinstance(event.obj, dict) else None
+    record = {
+        "error": f"{type(error).__name__}: {error}"[:500],
+        "raw": event.raw.decode("utf-8", "backslashreplace"),
+        SERVER_FIELD: server,
+    }
+    return json.dumps(record, ensure_ascii=True, default=repr).encode("ascii")
+
+
+def encode_object(key: str, lines: list, level: int, poison: bool = False) -> EncodedObject:
+    """
+    gzip C{lines} (bytes without newlines) as one JSON Lines object.
+    """
+    body = gzip_bytes(b"\n".join(lines) + b"\n", level)
+    return EncodedObject(key=key, body=body, count=len(lines),
+                         content_md5=content_md5(body), poison=poison)
+
+
+def encode_batch(batch: Batch, level: int = 6) -> list:
+    """
+    Encode C{batch} into its L{EncodedObject}s.  Runs in a worker thread.
+    """
+    lines = []
+    poison = []
+    for _, payload in batch.events:
+        if type(payload) is bytes:
+            lines.append(payload)
+            continue
+        try:
+            lines.append(_encode_slow(payload))
+        except Exception as e:  # any failure of one event must not fail the batch
+            poison.append(_poison_line(payload, e))
+    objects = []
+    if lines:
+        objects.append(encode_object(batch.key, lines, level))
+    if poison:
+        objects.append(encode_object(batch.poison_key, poison, level, poison=True))
+    return objects

@@ -1,0 +1,195 @@
+# -*- test-case-name: estat.test.test_event -*-
+"""
+One event, from request body to the bytes of its stored line.
+
+An accepted event is parsed once, given its server fields (the ``_estat``
+object), serialised once, and carried through the queue and the batcher as
+C{(received_at, line)}.  Only when the fast serialiser cannot write it (an
+integer beyond 64 bits, say) is it carried as an L{UnencodedEvent} for the
+encoder to try again in a worker thread.
+
+Nothing here does I/O or touches the reactor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import math
+import re
+from functools import lru_cache
+from typing import Any, Union
+
+import attr
+import orjson
+
+__all__ = [
+    "SERVER_FIELD",
+    "EventRejected",
+    "UnencodedEvent",
+    "QueuedEvent",
+    "parse_event",
+    "make_line",
+    "format_received_at",
+    "ClientAddressResolver",
+]
+
+#: The one key under which Estat puts its server fields.  A client event
+#: that already has it is refused rather than overwritten.
+SERVER_FIELD = "_estat"
+
+
+class EventRejected(ValueError):
+    """
+    A request body is not an event Estat can store.
+
+    @ivar reason: a short machine-readable reason for metrics.
+    @ivar message: a short human sentence for the JSON error body.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@attr.s(slots=True, frozen=True)
+class UnencodedEvent:
+    """
+    An event the fast serialiser refused; the encoder serialises it with
+    the standard library, or stores C{raw} under C{DLQ_PREFIX}.
+    """
+
+    obj: Any = attr.ib()
+    raw: bytes = attr.ib()
+
+
+#: What travels on the event queue: (receive time in epoch seconds, payload).
+QueuedEvent = tuple  # (float, Union[bytes, UnencodedEvent])
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: A run of 20 digits may be an integer beyond 64 bits, which orjson would
+#: silently turn into a float; such bodies take the exact, slower parser.
+_LONG_DIGITS = re.compile(rb"\d{20}")
+
+
+def parse_event(body: bytes) -> dict:
+    """
+    Parse one request body into an event object.
+
+    orjson is strict RFC 8259 (no NaN/Infinity, valid UTF-8 only, at most
+    1024 levels of nesting) and fast.  A body with a run of 20 digits is
+    parsed by the standard library instead, so that integers beyond 64
+    bits are kept exactly rather than rounded to a float.
+
+    @raise EventRejected: for anything that is not a JSON object Estat can
+        store.
+    """
+    try:
+        if _LONG_DIGITS.search(body) is None:
+            obj = orjson.loads(body)
+        else:
+            obj = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+    except orjson.JSONDecodeError as e:
+        if "depth" in str(e):
+            raise EventRejected("too_deep", "JSON nesting is too deep") from None
+        raise EventRejected("invalid_json", "body is not valid JSON") from None
+    except RecursionError:
+        raise EventRejected("too_deep", "JSON nesting is too deep") from None
+    except (ValueError, UnicodeDecodeError):
+        raise EventRejected("invalid_json", "body is not valid JSON") from None
+    if type(obj) is not dict:
+        raise EventRejected("not_an_object", "body must be a JSON object")
+    if SERVER_FIELD in obj:
+        raise EventRejected(
+            "reserved_field", f"field {SERVER_FIELD!r} is reserved for the server")
+    return obj
+
+
+def make_line(obj: dict, server_fields: dict, raw: bytes) -> Union[bytes, UnencodedEvent]:
+    """
+    Add the server fields to C{obj} and serialise it as one JSON line
+    (without the newline).  Returns an L{UnencodedEvent} when orjson
+    cannot serialise the object.
+    """
+    obj[SERVER_FIELD] = server_fields
+    try:
+        return orjson.dumps(obj)
+    except (orjson.JSONEncodeError, TypeError):
+        return UnencodedEvent(obj=obj, raw=raw)
+
+
+class _ReceivedAtFormatter:
+    """
+    Formats epoch seconds as ISO 8601 UTC with milliseconds, caching the
+    part that only changes once a second.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, when: float) -> str:
+        second = math.floor(when)
+        if second != self._second:
+            self._prefix = datetime.datetime.fromtimestamp(
+                second, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        millis = int((when - second) * 1000)
+        return f"{self._prefix}.{millis:03d}Z"
+
+
+format_received_at = _ReceivedAtFormatter()
+
+
+@attr.s
+class ClientAddressResolver:
+    """
+    Decides an event's client IP.
+
+    The socket peer is the client unless it is a trusted proxy; then
+    C{X-Forwarded-For} is read right to left, skipping trusted hops, and
+    the first address that is not trusted is the client.  A malformed
+    entry stops the walk: the last trusted hop is then the answer, so a
+    client can never choose its own address through a trusted proxy.
+    """
+
+    trusted: tuple = attr.ib(default=())
+
+    def __attrs_post_init__(self) -> None:
+        self._is_trusted = lru_cache(maxsize=4096)(self._check)
+
+    def _check(self, address: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.trusted)
+
+    def resolve(self, peer: str, forwarded_for: list | None) -> str:
+        if not forwarded_for or not self._is_trusted(peer):
+            return peer
+        client = peer
+        hops = []
+        for header in forwarded_for:
+            hops.extend(h.strip() for h in header.split(","))
+        for hop in reversed(hops):
+            if not hop:
+                continue
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break
+            client = hop
+            if not self._is_trusted(hop):
+                break
+        return client

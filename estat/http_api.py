@@ -1,0 +1,134 @@
+# -*- test-case-name: estat.test.test_http_api -*-
+"""
+The HTTP API (Klein): C{POST /collect} validates and enriches an event and
+puts it on the event queue; C{/healthz}, C{/readyz} and C{/metrics} are for
+load balancers and operators.
+
+A handler never waits: it answers from what is in memory (202, or 400/503
+with a short JSON reason) and never does disk or network work.
+"""
+
+from __future__ import annotations
+
+import orjson
+import attr
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+
+from .event import ClientAddressResolver, EventRejected, format_received_at, make_line, parse_event
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .queue import EventQueue
+
+__all__ = ["IngestAPI", "Readiness"]
+
+_JSON = b"application/json"
+
+
+@attr.s(slots=True)
+class Readiness:
+    """
+    Whether the process wants traffic: false once shutdown has begun.
+    """
+
+    ready: bool = attr.ib(default=True)
+
+
+def _error(request, code: int, message: str, **extra) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", _JSON)
+    body = {"error": message}
+    body.update(extra)
+    return orjson.dumps(body)
+
+
+@attr.s
+class IngestAPI:
+    """
+    The routes.  C{IngestAPI(...).app.resource()} is the L{IResource}.
+
+    @ivar retry_after: seconds a client is told to wait after a 503.
+    """
+
+    app = Klein()
+
+    queue: EventQueue = attr.ib()
+    metrics: Metrics = attr.ib()
+    clock: IReactorTime = attr.ib()
+    readiness: Readiness = attr.ib(factory=Readiness)
+    client_addresses: ClientAddressResolver = attr.ib(factory=ClientAddressResolver)
+    retry_after: int = attr.ib(default=1)
+
+    def resource(self):
+        return self.app.resource()
+
+    @app.route("/collect", branch=False)
+    def collect(self, request) -> bytes:
+        started = self.clock.seconds()
+        self.metrics.http_requests.inc()
+        try:
+            if request.method != b"POST":
+                request.setHeader(b"allow", b"POST")
+                return self._reject(request, 405, "method_not_allowed",
+                                    "use POST")
+            body = request.content.read()
+            try:
+                obj = parse_event(body)
+            except EventRejected as e:
+                return self._reject(request, 400, e.reason, e.message)
+            server_fields = {
+                "received_at": format_received_at(started),
+                "ip": self._client_ip(request),
+                "user_agent": _header(request, b"user-agent"),
+            }
+            event = (started, make_line(obj, server_fields, body))
+            if not self.queue.offer([event]):
+                request.setHeader(b"retry-after", b"%d" % self.retry_after)
+                self.metrics.http_requests_rejected_queue_full.inc()
+                return self._reject(request, 503, "queue_full",
+                                    "event queue is full, retry later")
+            self.metrics.http_requests_accepted.inc()
+            self.metrics.events_accepted.inc()
+            request.setResponseCode(202)
+            request.setHeader(b"content-type", _JSON)
+            return b'{"accepted":1}'
+        finally:
+            self.metrics.http_request_duration.observe(self.clock.seconds() - started)
+
+    def _reject(self, request, code: int, reason: str, message: str) -> bytes:
+        self.metrics.http_requests_rejected.labels(reason).inc()
+        self.metrics.events_rejected.labels(reason).inc()
+        return _error(request, code, message)
+
+    def _client_ip(self, request) -> str:
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return self.client_addresses.resolve(
+            peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"))
+
+    @app.route("/healthz")
+    def healthz(self, request) -> bytes:
+        request.setHeader(b"content-type", _JSON)
+        return b'{"status":"ok"}'
+
+    @app.route("/readyz")
+    def readyz(self, request) -> bytes:
+        request.setHeader(b"content-type", _JSON)
+        if self.readiness.ready:
+            return b'{"status":"ready"}'
+        request.setResponseCode(503)
+        return b'{"status":"shutting down"}'
+
+    @app.route("/metrics")
+    def metrics_page(self, request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metrics.exposition()
+
+    @app.route("/", branch=True)
+    def not_found(self, request) -> bytes:
+        return _error(request, 404, "not found")
+
+
+def _header(request, name: bytes) -> str | None:
+    values = request.requestHeaders.getRawHeaders(name)
+    if not values:
+        return None
+    return values[0].decode("utf-8", "replace") if isinstance(values[0], bytes) else values[0]

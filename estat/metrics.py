@@ -1,0 +1,133 @@
+# -*- test-case-name: estat.test.test_metrics -*-
+"""
+Every Prometheus metric Estat exports, on a registry the caller owns.
+
+The first eight names are the original service's contract and must never
+change.  This module never registers anything on prometheus-client's global
+default registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+_UPLOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """
+    The metrics of one Estat process.
+
+    Counter names are given without C{_total}: prometheus-client adds it,
+    so C{Counter("http_requests")} is exported as C{http_requests_total}.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry
+        r = registry
+
+        # --- the seed's eight names ---
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests received", registry=r)
+        self.http_requests_accepted = Counter(
+            "http_requests_accepted",
+            "Requests whose events were all put on the event queue", registry=r)
+        self.http_requests_rejected_queue_full = Counter(
+            "http_requests_rejected_queue_full",
+            "Requests refused with 503 because the event queue was full",
+            registry=r)
+        self.s3_events_stored = Counter(
+            "s3_events_stored",
+            "Events stored in the object store (S3 or the local directory store)",
+            registry=r)
+        self.s3_put_errors = Counter(
+            "s3_put_errors", "Failed upload attempts", registry=r)
+        self.dlq_events_enqueued = Counter(
+            "dlq_events_enqueued",
+            "Events written to the local dead-letter queue", registry=r)
+        self.dlq_events_dropped = Counter(
+            "dlq_events_dropped",
+            "Accepted events lost for good (dead-letter queue full, expired, "
+            "unwritable or corrupt); see events_dropped_total for reasons",
+            registry=r)
+        self.dlq_files_current = Gauge(
+            "dlq_files_current", "Files in the local dead-letter queue",
+            registry=r)
+
+        # --- what an operator needs beside them ---
+        self.http_requests_rejected = Counter(
+            "http_requests_rejected",
+            "Requests answered with an error, by reason",
+            ["reason"], registry=r)
+        self.http_request_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer POST /collect", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.events_accepted = Counter(
+            "events_accepted", "Events put on the event queue", registry=r)
+        self.events_rejected = Counter(
+            "events_rejected", "Events refused, by reason", ["reason"],
+            registry=r)
+        self.events_dropped = Counter(
+            "events_dropped",
+            "Accepted events that will never be stored, by reason",
+            ["reason"], registry=r)
+        self.event_queue_depth = Gauge(
+            "event_queue_depth", "Events waiting in the in-memory queue",
+            registry=r)
+        self.event_queue_capacity = Gauge(
+            "event_queue_capacity", "Capacity of the in-memory event queue",
+            registry=r)
+        self.batches_pending = Gauge(
+            "batches_pending",
+            "Sealed batches being encoded, uploaded or dead-lettered",
+            registry=r)
+        self.batches_sealed = Counter(
+            "batches_sealed", "Batches sealed, by trigger", ["trigger"],
+            registry=r)
+        self.batches_stored = Counter(
+            "batches_stored", "Batches stored in the object store", registry=r)
+        self.s3_put_duration = Histogram(
+            "s3_put_duration_seconds",
+            "Duration of one successful upload attempt",
+            buckets=_UPLOAD_BUCKETS, registry=r)
+        self.s3_put_errors_by_code = Counter(
+            "s3_put_errors_by_code",
+            "Failed upload attempts by S3 error code or failure kind",
+            ["code"], registry=r)
+        self.s3_put_retries = Counter(
+            "s3_put_retries", "Upload attempts that were retries", registry=r)
+        self.encoder_poison_events = Counter(
+            "encoder_poison_events",
+            "Events that could not be encoded and were stored raw under DLQ_PREFIX",
+            registry=r)
+        self.dlq_bytes_current = Gauge(
+            "dlq_bytes_current", "Bytes in the local dead-letter queue",
+            registry=r)
+        self.dlq_events_recovered = Counter(
+            "dlq_events_recovered",
+            "Events uploaded from the dead-letter queue", registry=r)
+        self.dlq_files_quarantined = Counter(
+            "dlq_files_quarantined",
+            "Unreadable dead-letter files moved aside", registry=r)
+        self.loop_errors = Counter(
+            "loop_errors", "Unexpected errors caught in a background loop",
+            ["loop"], registry=r)
+        self.shutdown_events_unsaved = Counter(
+            "shutdown_events_unsaved",
+            "Events still in memory when the shutdown deadline passed",
+            registry=r)
+
+    def exposition(self) -> bytes:
+        """
+        The registry in Prometheus' text format.
+        """
+        return generate_latest(self.registry)

@@ -1,0 +1,77 @@
+# -*- test-case-name: estat.test.test_queue -*-
+"""
+The bounded in-memory event queue between the HTTP API and the batcher.
+
+It is a L{DeferredQueue} with C{size=CHANNEL_SIZE}: a put on a full queue
+fails at once (the API answers 503), never waits and never grows.  Two
+additions keep the hot path cheap: L{EventQueue.offer} puts several events
+all or nothing, and L{EventQueue.take} hands the batcher up to C{n} events
+in one call instead of one Deferred per event.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, DeferredQueue
+
+__all__ = ["EventQueue"]
+
+
+class EventQueue(DeferredQueue):
+    """
+    A bounded queue of L{estat.event.QueuedEvent}s with one consumer.
+    """
+
+    def __init__(self, size: int) -> None:
+        # One waiting consumer: the batcher.
+        super().__init__(size=size, backlog=1)
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    @property
+    def free(self) -> int:
+        return self.size - len(self.pending)
+
+    def offer(self, events: list) -> bool:
+        """
+        Put all of C{events} or none of them.
+
+        @return: C{False} when the queue is closed or has not room for all.
+        """
+        if self.closed or len(events) > self.size - len(self.pending):
+            return False
+        if self.waiting:
+            # The consumer waits only on an empty queue; queue the rest
+            # first so that, woken, it finds them in order.
+            self.pending.extend(events[1:])
+            self.waiting.pop(0).callback(events[0])
+        else:
+            self.pending.extend(events)
+        return True
+
+    def take(self, n: int) -> list:
+        """
+        Remove and return up to C{n} events that are already waiting, without
+        waiting for more.
+        """
+        pending = self.pending
+        if n >= len(pending):
+            taken = pending[:]
+            del pending[:]
+        else:
+            taken = pending[:n]
+            del pending[:n]
+        return taken
+
+    def close(self) -> None:
+        """
+        Refuse further events; those already queued stay to be taken.
+        """
+        self.closed = True
+
+    def get(self) -> Deferred:
+        """
+        Wait for one event.  The returned Deferred may be cancelled.
+        """
+        return super().get()

@@ -1,0 +1,123 @@
+# -*- test-case-name: estat.test.test_service -*-
+"""
+The Estat service: the pieces of the pipeline started in order and, unlike
+a plain L{MultiService} (which stops its children concurrently), stopped in
+an explicit order so that a SIGTERM loses nothing:
+
+ 1. C{/readyz} turns 503 and the dead-letter retry loop stops (its files
+    stay on disk; S3 capacity goes to the live drain);
+ 2. the HTTP listener closes: no new connection, idle keep-alive
+    connections closed, requests in flight finish;
+ 3. the batcher seals its open batch and everything queued, and waits for
+    every upload; when the shutdown deadline nears, the uploader stops
+    retrying and what is left goes to the dead-letter queue;
+ 4. the dead-letter queue finishes its writes.
+
+C{SHUTDOWN_TIMEOUT} bounds the whole; whatever is still only in memory then
+is counted in C{shutdown_events_unsaved_total} and logged.
+"""
+
+from __future__ import annotations
+
+import attr
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .batcher import Batcher
+from .dlq import DiskDeadLetterQueue
+from .http_api import Readiness
+from .http_server import HTTPListenerService
+from .interfaces import IObjectStore
+from .metrics import Metrics
+from .queue import EventQueue
+from .uploader import Uploader
+
+__all__ = ["EstatService", "hurry_delay"]
+
+
+def hurry_delay(shutdown_timeout: float) -> float:
+    """
+    When, after shutdown begins, the uploader stops retrying: late enough
+    to let slow uploads finish, early enough to write the rest to disk.
+    """
+    return max(shutdown_timeout * 0.7, shutdown_timeout - 3.0)
+
+
+@attr.s(eq=False)
+class EstatService(MultiService):
+    log = Logger()
+
+    http: HTTPListenerService = attr.ib()
+    batcher: Batcher = attr.ib()
+    uploader: Uploader = attr.ib()
+    dead_letters: DiskDeadLetterQueue = attr.ib()
+    queue: EventQueue = attr.ib()
+    store: IObjectStore = attr.ib()
+    readiness: Readiness = attr.ib()
+    metrics: Metrics = attr.ib()
+    clock: IReactorTime = attr.ib()
+    shutdown_timeout: float = attr.ib(default=25.0)
+
+    def __attrs_post_init__(self) -> None:
+        MultiService.__init__(self)
+        # Start order; stop order is in stopService.
+        self.dead_letters.setServiceParent(self)
+        self.batcher.setServiceParent(self)
+        self.http.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self.readiness.ready = True
+        self.log.info("storing events in {store}", store=self.store.description)
+        d = self.store.check()
+        d.addCallbacks(self._store_ok, self._store_failed)
+
+    def _store_ok(self, _) -> None:
+        self.log.info("store check passed: {store} is writable", store=self.store.description)
+
+    def _store_failed(self, failure) -> None:
+        self.log.error(
+            "store check FAILED for {store}: {error}. The server is running; batches "
+            "that cannot be stored are kept in the dead-letter queue.",
+            store=self.store.description, error=failure.getErrorMessage())
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        d = Deferred.fromCoroutine(self._stop_in_order())
+        d.addTimeout(self.shutdown_timeout, self.clock, onTimeoutCancel=self._too_late)
+        return d
+
+    async def _stop_in_order(self) -> None:
+        self.log.info("shutting down (deadline {timeout}s)", timeout=self.shutdown_timeout)
+        self.readiness.ready = False
+        retry_stopped = self.dead_letters.stop_retrying()
+        hurry = self.clock.callLater(hurry_delay(self.shutdown_timeout), self._hurry)
+        try:
+            await self.http.stopService()
+            await self.batcher.stopService()
+            await retry_stopped
+            await self.dead_letters.stopService()
+        finally:
+            if hurry.active():
+                hurry.cancel()
+        self.log.info("shutdown complete: every accepted event is stored or in the "
+                      "dead-letter queue")
+
+    def _hurry(self) -> None:
+        self.log.warn("shutdown deadline near: uploads still failing go to the "
+                      "dead-letter queue now")
+        self.uploader.hurry()
+
+    def _too_late(self, result, timeout) -> None:
+        if isinstance(getattr(result, "value", None), CancelledError):
+            unsaved = len(self.queue) + self.batcher.open_count + sum(
+                b.count for b in self.batcher._inflight.values())
+            self.metrics.shutdown_events_unsaved.inc(unsaved)
+            self.log.critical(
+                "shutdown deadline of {timeout}s passed; about {count} events were "
+                "neither stored nor written to the dead-letter queue",
+                timeout=timeout, count=unsaved)
+            return None
+        return result

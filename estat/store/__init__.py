@@ -1,0 +1,3 @@
+"""
+Object stores: the implementations of L{estat.interfaces.IObjectStore}.
+"""

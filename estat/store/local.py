@@ -1,0 +1,64 @@
+# -*- test-case-name: estat.test.test_stores -*-
+"""
+The local directory store: the embedded default when no bucket is set.
+
+It writes each object under C{root/<key>}, exactly the key S3 would get,
+atomically (temporary file, fsync, rename), in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import attr
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from ..fsutil import atomic_write
+from ..interfaces import IObjectStore, StoreError
+
+__all__ = ["LocalDirectoryStore"]
+
+
+@implementer(IObjectStore)
+@attr.s(slots=True)
+class LocalDirectoryStore:
+    """
+    @ivar root: the directory objects are written under.
+    @ivar run_in_thread: C{f, *args -> Deferred}, running C{f} off the
+        reactor thread.
+    """
+
+    root: str = attr.ib()
+    run_in_thread: Callable[..., Deferred] = attr.ib()
+
+    @property
+    def description(self) -> str:
+        return f"directory {os.path.abspath(self.root)}"
+
+    def _path(self, key: str) -> str:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts):
+            raise StoreError("InvalidKey", repr(key), retryable=False)
+        return os.path.join(self.root, *parts)
+
+    def _write(self, key: str, body: bytes) -> None:
+        try:
+            atomic_write(self._path(key), body)
+        except OSError as e:
+            raise StoreError(type(e).__name__, str(e)) from e
+
+    def put(self, key: str, body: bytes, content_md5: str) -> Deferred:
+        return self.run_in_thread(self._write, key, body)
+
+    def _check(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StoreError(type(e).__name__, str(e), retryable=False) from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError("AccessDenied", f"{self.root} is not writable", retryable=False)
+
+    def check(self) -> Deferred:
+        return self.run_in_thread(self._check)

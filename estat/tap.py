@@ -1,0 +1,164 @@
+# -*- test-case-name: estat.test.test_tap -*-
+"""
+C{twistd estat}: the options and the wiring of the service.  Behaviour
+lives in the modules this one connects; nothing here does I/O beyond
+reading the C{.env} file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.python import usage
+
+from .batcher import Batcher
+from .config import SETTINGS, Config, ConfigError, load_config, read_dotenv
+from .dlq import DiskDeadLetterQueue
+from .event import ClientAddressResolver
+from .http_api import IngestAPI, Readiness
+from .http_server import EstatSite, HTTPListenerService
+from .keys import KeyMaker, default_instance_id, sanitize
+from .metrics import Metrics
+from .queue import EventQueue
+from .service import EstatService
+from .store.local import LocalDirectoryStore
+from .uploader import Uploader
+
+__all__ = ["Options", "makeService", "build_service"]
+
+
+class Options(usage.Options):
+    """
+    Every setting is an option; an option not given falls back to the
+    environment, then to C{--env-file}, then to the default.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Estat ingest server. Every option is also an environment variable "
+        "(upper case, '_' for '-') and a line of the .env file; precedence: "
+        "option > environment > .env > default. Durations use Go syntax "
+        "(3s, 2m, 1h30m)."
+    )
+    optParameters = [
+        ["env-file", None, None, "the .env file to read [default: .env, or $ENV_FILE]"],
+    ] + [
+        [s.option, None, None, f"{s.help} [${s.env}, default: {s.default or 'empty'}]"]
+        for s in SETTINGS
+    ]
+
+    def postOptions(self) -> None:
+        env_file = self["env-file"] or os.environ.get("ENV_FILE", ".env")
+        try:
+            self.config = load_config(
+                {s.attribute: self[s.option] for s in SETTINGS},
+                os.environ,
+                read_dotenv(env_file),
+            )
+        except ConfigError as e:
+            # One line naming the setting and its value, not the whole
+            # usage text twistd prints for a UsageError.
+            sys.stderr.write(f"estat: {e}\n")
+            raise SystemExit(2)
+
+
+def build_service(config: Config, reactor, environ=None) -> EstatService:
+    """
+    Wire the pipeline for C{config} on C{reactor}.
+    """
+    environ = os.environ if environ is None else environ
+    metrics = Metrics(CollectorRegistry(auto_describe=True))
+    threadpool = reactor.getThreadPool()
+    run_in_thread = partial(deferToThreadPool, reactor, threadpool)
+
+    if config.raw_bucket:
+        from .store.s3 import S3Store
+
+        store = S3Store.from_config(config, reactor=reactor, run_in_thread=run_in_thread,
+                                    environ=environ)
+    else:
+        store = LocalDirectoryStore(root=config.local_store_dir, run_in_thread=run_in_thread)
+
+    dead_letters = DiskDeadLetterQueue(
+        directory=config.dlq_dir,
+        metrics=metrics,
+        clock=reactor,
+        run_in_thread=run_in_thread,
+        max_age=config.dlq_max_age,
+        max_bytes=config.dlq_max_size_bytes,
+    )
+    uploader = Uploader(
+        store=store,
+        dead_letters=dead_letters,
+        metrics=metrics,
+        clock=reactor,
+        run_in_thread=run_in_thread,
+        retries=config.s3_app_retries,
+        gzip_level=config.gzip_level,
+    )
+    dead_letters.deliver = lambda obj: uploader.put_with_retries(obj, 0)
+
+    queue = EventQueue(config.channel_size)
+    metrics.event_queue_capacity.set(config.channel_size)
+    metrics.event_queue_depth.set_function(lambda: len(queue))
+
+    instance = sanitize(config.instance_id) if config.instance_id else default_instance_id(environ)
+    batcher = Batcher(
+        queue=queue,
+        sink=uploader.upload,
+        key_maker=KeyMaker(config.raw_prefix, config.dlq_prefix, instance),
+        metrics=metrics,
+        clock=reactor,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending_batches,
+    )
+
+    readiness = Readiness(ready=False)
+    api = IngestAPI(
+        queue=queue,
+        metrics=metrics,
+        clock=reactor,
+        readiness=readiness,
+        client_addresses=ClientAddressResolver(config.trusted_proxies),
+    )
+
+    def too_large() -> None:
+        metrics.http_requests.inc()
+        metrics.http_requests_rejected.labels("too_large").inc()
+        metrics.events_rejected.labels("too_large").inc()
+
+    site = EstatSite(api.resource(), max_body_size=config.max_body_size,
+                     on_too_large=too_large, reactor=reactor)
+    http = HTTPListenerService(
+        endpoint=serverFromString(reactor, config.http_addr),
+        site=site,
+        clock=reactor,
+        grace=min(5.0, config.shutdown_timeout / 4),
+    )
+    service = EstatService(
+        http=http,
+        batcher=batcher,
+        uploader=uploader,
+        dead_letters=dead_letters,
+        queue=queue,
+        store=store,
+        readiness=readiness,
+        metrics=metrics,
+        clock=reactor,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+    service.api = api
+    service.site = site
+    return service
+
+
+def makeService(options, reactor=None) -> EstatService:
+    if reactor is None:
+        from twisted.internet import reactor
+    return build_service(options.config, reactor)

@@ -1,0 +1,183 @@
+# -*- test-case-name: estat.test.test_uploader -*-
+"""
+The uploader: a sealed batch is encoded in a worker thread, then put in the
+object store with C{S3_APP_RETRIES} application-level retries and jittered
+backoff; what the store still refuses goes to the dead-letter queue under
+the same key.
+
+It never fails the Deferred it returns: every event of a batch ends up
+stored, dead-lettered, or counted as dropped with a reason.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import attr
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .encoder import Batch, EncodedObject, encode_batch
+from .interfaces import IDeadLetterQueue, IObjectStore, StoreError
+from .metrics import Metrics
+
+__all__ = ["Uploader", "backoff_delay"]
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float]) -> float:
+    """
+    "Full jitter" exponential backoff: a random delay in
+    [base * 2**attempt / 2, base * 2**attempt), capped at C{cap}.
+    """
+    ceiling = min(cap, base * (2 ** attempt))
+    return ceiling * (0.5 + rand() / 2)
+
+
+def _error_code(error: BaseException) -> tuple[str, str, bool]:
+    if isinstance(error, StoreError):
+        return error.code, error.message, error.retryable
+    if isinstance(error, CancelledError):
+        return "Cancelled", "attempt cancelled", True
+    return type(error).__name__, str(error), True
+
+
+@attr.s
+class Uploader:
+    """
+    @ivar store: the L{IObjectStore}.
+    @ivar dead_letters: the L{IDeadLetterQueue}.
+    @ivar run_in_thread: C{f, *args -> Deferred}, off the reactor thread.
+    @ivar retries: C{S3_APP_RETRIES}.
+    """
+
+    log = Logger()
+
+    store: IObjectStore = attr.ib()
+    dead_letters: IDeadLetterQueue = attr.ib()
+    metrics: Metrics = attr.ib()
+    clock: IReactorTime = attr.ib()
+    run_in_thread: Callable[..., Deferred] = attr.ib()
+    retries: int = attr.ib(default=2)
+    gzip_level: int = attr.ib(default=6)
+    backoff_base: float = attr.ib(default=0.2)
+    backoff_cap: float = attr.ib(default=5.0)
+    rand: Callable[[], float] = attr.ib(default=random.random)
+
+    _hurrying: bool = attr.ib(default=False, init=False)
+    _sleeps: dict = attr.ib(factory=dict, init=False)
+    _attempts: set = attr.ib(factory=set, init=False)
+
+    def upload(self, batch: Batch) -> Deferred:
+        """
+        Encode, store or dead-letter C{batch}.  The Deferred fires with
+        C{None} once every event has a fate; it never fails.
+        """
+        return Deferred.fromCoroutine(self._upload(batch))
+
+    async def _upload(self, batch: Batch) -> None:
+        try:
+            objects = await self.run_in_thread(encode_batch, batch, self.gzip_level)
+        except Exception:
+            self.log.failure("could not encode batch {key} ({count} events dropped)",
+                             key=batch.key, count=batch.count)
+            self._dropped("encode_failed", batch.count)
+            return
+        for obj in objects:
+            if obj.poison:
+                self.metrics.encoder_poison_events.inc(obj.count)
+                self.log.warn(
+                    "{count} events of batch {key} could not be encoded; "
+                    "their raw originals go to {poison_key}",
+                    count=obj.count, key=batch.key, poison_key=obj.key)
+            try:
+                await self.deliver(obj)
+            except Exception:
+                self.log.failure("unexpected error delivering {key}", key=obj.key)
+                self._dropped("unexpected_error", obj.count)
+
+    def _dropped(self, reason: str, count: int) -> None:
+        self.metrics.dlq_events_dropped.inc(count)
+        self.metrics.events_dropped.labels(reason).inc(count)
+
+    async def deliver(self, obj: EncodedObject) -> bool:
+        """
+        Put C{obj}, retrying; on failure hand it to the dead-letter queue.
+
+        @return: whether it was stored.
+        """
+        if await self.put_with_retries(obj, self.retries):
+            return True
+        await self.dead_letters.put(obj)
+        return False
+
+    async def put_with_retries(self, obj: EncodedObject, retries: int) -> bool:
+        """
+        Put C{obj} with up to C{retries} retries after the first attempt.
+        Counts every attempt in the metrics.
+
+        @return: whether it was stored.
+        """
+        attempt = 0
+        while True:
+            if attempt:
+                self.metrics.s3_put_retries.inc()
+            started = self.clock.seconds()
+            d = self.store.put(obj.key, obj.body, obj.content_md5)
+            self._attempts.add(d)
+            try:
+                await d
+            except Exception as e:
+                code, message, retryable = _error_code(e)
+                self.metrics.s3_put_errors.inc()
+                self.metrics.s3_put_errors_by_code.labels(code).inc()
+                self.log.warn(
+                    "upload of {key} failed (attempt {attempt} of {attempts}): "
+                    "{code} {message}",
+                    key=obj.key, attempt=attempt + 1, attempts=retries + 1,
+                    code=code, message=message)
+                if not retryable or attempt >= retries or self._hurrying:
+                    return False
+                if not await self._sleep(backoff_delay(
+                        attempt, self.backoff_base, self.backoff_cap, self.rand)):
+                    return False
+                attempt += 1
+                continue
+            finally:
+                self._attempts.discard(d)
+            self.metrics.s3_put_duration.observe(self.clock.seconds() - started)
+            if not obj.poison:
+                self.metrics.s3_events_stored.inc(obj.count)
+                self.metrics.batches_stored.inc()
+            self.log.info("stored {key} ({count} events)", key=obj.key, count=obj.count)
+            return True
+
+    def _sleep(self, delay: float) -> Deferred:
+        """
+        Wait C{delay} seconds; fires C{True}, or C{False} when L{hurry} cut
+        the wait short.
+        """
+        d = Deferred()
+
+        def wake() -> None:
+            del self._sleeps[d]
+            d.callback(True)
+
+        self._sleeps[d] = self.clock.callLater(delay, wake)
+        return d
+
+    def hurry(self) -> None:
+        """
+        The shutdown deadline has come: stop retrying, cancel attempts in
+        flight, and send whatever is not stored to the dead-letter queue
+        now.  (A cancelled attempt that did reach the store is harmless: the
+        retry from the dead-letter queue overwrites the same key.)
+        """
+        self._hurrying = True
+        for d, call in list(self._sleeps.items()):
+            del self._sleeps[d]
+            call.cancel()
+            d.callback(False)
+        for d in list(self._attempts):
+            d.cancel()
