@@ -89,6 +89,13 @@ class Batcher(Service):
     def pending_batches(self) -> int:
         return len(self._inflight)
 
+    @property
+    def pending_events(self) -> int:
+        """
+        Events in sealed batches not yet stored or dead-lettered.
+        """
+        return sum(b.count for b in self._inflight.values())
+
     def _has_slot(self) -> bool:
         return len(self._inflight) < self.max_pending
 

@@ -214,6 +214,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DLQ_MAX_AGE", "24h", _positive_duration, "dead-letter files older than this are dropped"),
     Setting("DLQ_MAX_SIZE_BYTES", "19327352832", _positive_int, "dead-letter queue size limit, bytes"),
     # Estat's own settings.
+    Setting("DLQ_RETRY_INTERVAL", "5s", _positive_duration, "pause between dead-letter retry passes when idle (doubles on failure, up to 60s)"),
     Setting("LOCAL_STORE_DIR", "./estat-data", _non_empty_string, "directory store used when RAW_BUCKET is empty"),
     Setting("S3_ENDPOINT_URL", "", _string, "S3-compatible endpoint (e.g. http://127.0.0.1:9000); empty: AWS"),
     Setting("S3_ADDRESSING_STYLE", "auto", _addressing_style, "S3 addressing: auto, path or virtual"),
@@ -248,6 +249,7 @@ class Config:
     dlq_dir: str = attr.ib()
     dlq_max_age: float = attr.ib()
     dlq_max_size_bytes: int = attr.ib()
+    dlq_retry_interval: float = attr.ib()
     local_store_dir: str = attr.ib()
     s3_endpoint_url: str = attr.ib()
     s3_addressing_style: str = attr.ib()

@@ -112,8 +112,7 @@ class EstatService(MultiService):
 
     def _too_late(self, result, timeout) -> None:
         if isinstance(getattr(result, "value", None), CancelledError):
-            unsaved = len(self.queue) + self.batcher.open_count + sum(
-                b.count for b in self.batcher._inflight.values())
+            unsaved = len(self.queue) + self.batcher.open_count + self.batcher.pending_events
             self.metrics.shutdown_events_unsaved.inc(unsaved)
             self.log.critical(
                 "shutdown deadline of {timeout}s passed; about {count} events were "

@@ -91,6 +91,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         run_in_thread=run_in_thread,
         max_age=config.dlq_max_age,
         max_bytes=config.dlq_max_size_bytes,
+        interval=config.dlq_retry_interval,
+        max_backoff=max(60.0, config.dlq_retry_interval),
     )
     uploader = Uploader(
         store=store,

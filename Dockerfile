@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# Estat ingest server: a small, non-root image running `twistd estat`.
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+RUN python -m venv /opt/estat
+COPY setup.cfg setup.py pyproject.toml README.md ./
+COPY estat ./estat
+COPY twisted ./twisted
+RUN /opt/estat/bin/pip install --no-cache-dir . \
+ && /opt/estat/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+FROM ${PYTHON_IMAGE}
+RUN useradd --system --uid 10001 --home-dir /var/lib/estat --create-home estat \
+ && mkdir -p /var/lib/estat/dlq /var/lib/estat/data \
+ && chown -R estat:estat /var/lib/estat
+COPY --from=build /opt/estat /opt/estat
+ENV PATH=/opt/estat/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    DLQ_DIR=/var/lib/estat/dlq \
+    LOCAL_STORE_DIR=/var/lib/estat/data \
+    HTTP_ADDR=:8080 \
+    LOG_FORMAT=json
+USER estat
+WORKDIR /var/lib/estat
+VOLUME ["/var/lib/estat/dlq"]
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import os,sys,urllib.request; a=os.environ.get('HTTP_ADDR',':8080'); p=a.rsplit(':',1)[-1]; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:'+p+'/healthz', timeout=2).status==200 else 1)"]
+ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logger=estat.logs.observer", "estat"]
