@@ -14,6 +14,7 @@ import orjson
 import attr
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
 
 from .event import ClientAddressResolver, EventRejected, format_received_at, make_line, parse_event
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -59,7 +60,12 @@ class IngestAPI:
     retry_after: int = attr.ib(default=1)
 
     def resource(self):
-        return self.app.resource()
+        """
+        The root resource: C{/collect} is served directly (Klein's routing
+        and Deferred wrapping cost more than the handler itself on the hot
+        path); every other path goes through the Klein app.
+        """
+        return _Root(self, self.app.resource())
 
     @app.route("/collect", branch=False)
     def collect(self, request) -> bytes:
@@ -125,6 +131,20 @@ class IngestAPI:
     @app.route("/", branch=True)
     def not_found(self, request) -> bytes:
         return _error(request, 404, "not found")
+
+
+class _Root(Resource):
+    isLeaf = True
+
+    def __init__(self, api: IngestAPI, klein_resource) -> None:
+        super().__init__()
+        self._api = api
+        self._klein = klein_resource
+
+    def render(self, request):
+        if request.path == b"/collect":
+            return self._api.collect(request)
+        return self._klein.render(request)
 
 
 def _header(request, name: bytes) -> str | None:
