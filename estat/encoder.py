@@ -79,7 +79,8 @@ def _poison_line(event: UnencodedEvent, error: BaseException) -> bytes:
     server = event.obj.get(SERVER_FIELD) if isinstance(event.obj, dict) else None
     record = {
         "error": f"{type(error).__name__}: {error}"[:500],
-        "raw": event.raw.decode("utf-8", "backslashreplace"),
+        "raw": event.raw.decode("utf-8", "backslashreplace") if event.raw is not None
+        else repr(event.obj),
         SERVER_FIELD: server,
     }
     return json.dumps(record, ensure_ascii=True, default=repr).encode("ascii")

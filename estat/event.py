@@ -30,6 +30,9 @@ __all__ = [
     "UnencodedEvent",
     "QueuedEvent",
     "parse_event",
+    "parse_json",
+    "check_event",
+    "anonymize_ip",
     "make_line",
     "format_received_at",
     "ClientAddressResolver",
@@ -62,7 +65,7 @@ class UnencodedEvent:
     """
 
     obj: Any = attr.ib()
-    raw: bytes = attr.ib()
+    raw: bytes | None = attr.ib()
 
 
 #: What travels on the event queue: (receive time in epoch seconds, payload).
@@ -73,28 +76,36 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-#: A run of 20 digits may be an integer beyond 64 bits, which orjson would
-#: silently turn into a float; such bodies take the exact, slower parser.
-_LONG_DIGITS = re.compile(rb"\d{20}")
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # 1e400 is valid JSON but no float holds it; orjson refuses it too.
+        raise ValueError(f"number {text} is out of range")
+    return value
 
 
-def parse_event(body: bytes) -> dict:
+#: A run of 19 digits may be an integer beyond 64 bits (-9999999999999999999
+#: already is), which orjson would silently turn into a float; such bodies
+#: take the exact, slower parser.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def parse_json(body: bytes) -> Any:
     """
-    Parse one request body into an event object.
+    Parse a JSON document.
 
     orjson is strict RFC 8259 (no NaN/Infinity, valid UTF-8 only, at most
     1024 levels of nesting) and fast.  A body with a run of 20 digits is
     parsed by the standard library instead, so that integers beyond 64
     bits are kept exactly rather than rounded to a float.
 
-    @raise EventRejected: for anything that is not a JSON object Estat can
-        store.
+    @raise EventRejected: if it is not valid JSON.
     """
     try:
         if _LONG_DIGITS.search(body) is None:
-            obj = orjson.loads(body)
-        else:
-            obj = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+            return orjson.loads(body)
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
     except orjson.JSONDecodeError as e:
         if "depth" in str(e):
             raise EventRejected("too_deep", "JSON nesting is too deep") from None
@@ -103,15 +114,34 @@ def parse_event(body: bytes) -> dict:
         raise EventRejected("too_deep", "JSON nesting is too deep") from None
     except (ValueError, UnicodeDecodeError):
         raise EventRejected("invalid_json", "body is not valid JSON") from None
+
+
+def check_event(obj: Any) -> dict:
+    """
+    @raise EventRejected: unless C{obj} is an event Estat can store.
+    """
     if type(obj) is not dict:
-        raise EventRejected("not_an_object", "body must be a JSON object")
+        raise EventRejected("not_an_object", "an event must be a JSON object")
     if SERVER_FIELD in obj:
         raise EventRejected(
             "reserved_field", f"field {SERVER_FIELD!r} is reserved for the server")
     return obj
 
 
-def make_line(obj: dict, server_fields: dict, raw: bytes) -> Union[bytes, UnencodedEvent]:
+def parse_event(body: bytes) -> dict:
+    """
+    Parse one request body into an event object.
+
+    @raise EventRejected: for anything that is not a JSON object Estat can
+        store.
+    """
+    obj = parse_json(body)
+    if type(obj) is not dict:
+        raise EventRejected("not_an_object", "body must be a JSON object")
+    return check_event(obj)
+
+
+def make_line(obj: dict, server_fields: dict, raw: bytes | None) -> Union[bytes, UnencodedEvent]:
     """
     Add the server fields to C{obj} and serialise it as one JSON line
     (without the newline).  Returns an L{UnencodedEvent} when orjson
@@ -135,16 +165,37 @@ class _ReceivedAtFormatter:
         self._prefix = ""
 
     def __call__(self, when: float) -> str:
-        second = math.floor(when)
+        # Split the way datetime.fromtimestamp does, so both always agree.
+        frac, whole = math.modf(when)
+        micros = round(frac * 1e6)
+        if micros >= 1000000:
+            whole += 1
+            micros -= 1000000
+        second = int(whole)
         if second != self._second:
             self._prefix = datetime.datetime.fromtimestamp(
                 second, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
             self._second = second
-        millis = int((when - second) * 1000)
-        return f"{self._prefix}.{millis:03d}Z"
+        return f"{self._prefix}.{micros // 1000:03d}Z"
 
 
 format_received_at = _ReceivedAtFormatter()
+
+
+def anonymize_ip(address: str) -> str:
+    """
+    Zero the last octet of an IPv4 address and the last 80 bits of an IPv6
+    address (keeping the /48), as analytics privacy rules usually ask.
+    Anything that is not an IP address is returned as an empty string.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
 
 @attr.s
@@ -160,6 +211,7 @@ class ClientAddressResolver:
     """
 
     trusted: tuple = attr.ib(default=())
+    anonymize: bool = attr.ib(default=False)
 
     def __attrs_post_init__(self) -> None:
         self._is_trusted = lru_cache(maxsize=4096)(self._check)
@@ -176,6 +228,15 @@ class ClientAddressResolver:
         return any(ip in net for net in self.trusted)
 
     def resolve(self, peer: str, forwarded_for: list | None) -> str:
+        """
+        The client's address, anonymised if so configured.
+        """
+        client = self._resolve(peer, forwarded_for)
+        if self.anonymize:
+            return anonymize_ip(client)
+        return client
+
+    def _resolve(self, peer: str, forwarded_for: list | None) -> str:
         if not forwarded_for or not self._is_trusted(peer):
             return peer
         client = peer
