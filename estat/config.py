@@ -134,6 +134,27 @@ def _cidr_list(text: str) -> tuple:
     return tuple(networks)
 
 
+def _string_list(text: str) -> tuple:
+    return tuple(p for p in re.split(r"[,\s]+", text.strip()) if p)
+
+
+def _origin_list(text: str) -> tuple:
+    origins = _string_list(text)
+    for origin in origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin.rstrip("/")):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+    return tuple(o.rstrip("/") for o in origins)
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _addressing_style(text: str) -> str:
     value = text.strip().lower()
     if value not in ("auto", "path", "virtual"):
@@ -223,6 +244,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_PENDING_BATCHES", "2", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
     Setting("GZIP_LEVEL", "6", _gzip_level, "gzip compression level of stored objects"),
     Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
+    Setting("MAX_BATCH_BODY_SIZE", "524288", _positive_int, "largest body of a batch request (JSON array or NDJSON), bytes, also after decompression"),
+    Setting("MAX_EVENTS_PER_REQUEST", "500", _positive_int, "most events one request may carry"),
+    Setting("CORS_ALLOWED_ORIGINS", "", _origin_list, "origins browsers may post from (comma-separated), or *"),
+    Setting("WRITE_KEYS", "", _string_list, "accepted write keys (comma-separated); empty: no key needed"),
+    Setting("WRITE_KEYS_FILE", "", _string, "file of accepted write keys, one per line (added to WRITE_KEYS)"),
+    Setting("IP_ANONYMIZE", "false", _boolean, "zero the last octet of IPv4 / last 80 bits of IPv6 client addresses"),
+    Setting("HTTP_IDLE_TIMEOUT", "75s", _positive_duration, "close keep-alive connections idle this long (keep above the ALB's idle timeout, 60s)"),
     Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
 )
 
@@ -258,6 +286,13 @@ class Config:
     max_pending_batches: int = attr.ib()
     gzip_level: int = attr.ib()
     instance_id: str = attr.ib()
+    max_batch_body_size: int = attr.ib()
+    max_events_per_request: int = attr.ib()
+    cors_allowed_origins: tuple = attr.ib()
+    write_keys: tuple = attr.ib()
+    write_keys_file: str = attr.ib()
+    ip_anonymize: bool = attr.ib()
+    http_idle_timeout: float = attr.ib()
     log_format: str = attr.ib()
 
     @classmethod

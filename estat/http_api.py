@@ -16,8 +16,11 @@ from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
-from .event import ClientAddressResolver, EventRejected, format_received_at, make_line, parse_event
+from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
+from .http_access import CorsPolicy, WriteKeys
+from .request_body import BodyRejected, Limits, decode_content, decode_events
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .openapi import openapi_document
 from .queue import EventQueue
 
 __all__ = ["IngestAPI", "Readiness"]
@@ -58,6 +61,9 @@ class IngestAPI:
     readiness: Readiness = attr.ib(factory=Readiness)
     client_addresses: ClientAddressResolver = attr.ib(factory=ClientAddressResolver)
     retry_after: int = attr.ib(default=1)
+    limits: Limits = attr.ib(factory=Limits)
+    write_keys: WriteKeys = attr.ib(factory=WriteKeys)
+    cors: CorsPolicy = attr.ib(factory=CorsPolicy)
 
     def resource(self):
         """
@@ -70,45 +76,91 @@ class IngestAPI:
     @app.route("/collect", branch=False)
     def collect(self, request) -> bytes:
         started = self.clock.seconds()
+        method = request.method
+        if method == b"OPTIONS":
+            return self._preflight(request)
         self.metrics.http_requests.inc()
         try:
-            if request.method != b"POST":
-                request.setHeader(b"allow", b"POST")
-                return self._reject(request, 405, "method_not_allowed",
-                                    "use POST")
-            body = request.content.read()
+            self.cors.apply(request)
+            if method != b"POST":
+                request.setHeader(b"allow", b"POST, OPTIONS")
+                return self._reject(request, 405, "method_not_allowed", "use POST")
+            if self.write_keys.required and not self.write_keys.allows(request):
+                return self._reject(request, 401, "unauthorized",
+                                    "a valid write key is required")
+            headers = request.requestHeaders
+            body = request.content.getvalue()
             try:
-                obj = parse_event(body)
-            except EventRejected as e:
-                return self._reject(request, 400, e.reason, e.message)
+                encoding = headers.getRawHeaders(b"content-encoding")
+                if encoding:
+                    body = decode_content(body, encoding[0], self.limits.body_size)
+                ctype = headers.getRawHeaders(b"content-type")
+                items, batch = decode_events(body, ctype[0] if ctype else None, self.limits)
+            except BodyRejected as e:
+                extra = {"index": e.index} if e.index is not None else {}
+                return self._reject(request, e.status, e.reason, e.message, **extra)
             server_fields = {
                 "received_at": format_received_at(started),
                 "ip": self._client_ip(request),
                 "user_agent": _header(request, b"user-agent"),
             }
-            event = (started, make_line(obj, server_fields, body))
-            if not self.queue.offer([event]):
+            if batch:
+                events = self._batch_events(started, items, server_fields)
+                if type(events) is bytes:
+                    # Too large an element: the error body.
+                    request.setResponseCode(413)
+                    return events
+            else:
+                obj, raw = items[0]
+                events = [(started, make_line(obj, server_fields, raw))]
+            if not self.queue.offer(events):
                 request.setHeader(b"retry-after", b"%d" % self.retry_after)
                 self.metrics.http_requests_rejected_queue_full.inc()
                 return self._reject(request, 503, "queue_full",
-                                    "event queue is full, retry later")
+                                    "event queue is full, retry later", events=len(events))
+            count = len(events)
             self.metrics.http_requests_accepted.inc()
-            self.metrics.events_accepted.inc()
+            self.metrics.events_accepted.inc(count)
             request.setResponseCode(202)
             request.setHeader(b"content-type", _JSON)
-            return b'{"accepted":1}'
+            return b'{"accepted":%d}' % count
         finally:
             self.metrics.http_request_duration.observe(self.clock.seconds() - started)
 
-    def _reject(self, request, code: int, reason: str, message: str) -> bytes:
+    def _batch_events(self, started: float, items: list, server_fields: dict):
+        # Each element's own size is its line minus the server fields
+        # (orjson appends them as ',"_estat":{...}').
+        overhead = len(orjson.dumps(server_fields)) + len(SERVER_FIELD) + 4
+        limit = self.limits.event_size
+        events = []
+        for index, (obj, raw) in enumerate(items):
+            line = make_line(obj, server_fields, raw)
+            if type(line) is bytes and len(line) - overhead > limit:
+                self.metrics.http_requests_rejected.labels("too_large").inc()
+                self.metrics.events_rejected.labels("too_large").inc(len(items))
+                return orjson.dumps({"error": f"an event may be at most {limit} bytes",
+                                     "index": index})
+            events.append((started, line))
+        return events
+
+    def _preflight(self, request) -> bytes:
+        self.cors.preflight(request)
+        request.setHeader(b"allow", b"POST, OPTIONS")
+        request.setResponseCode(204)
+        return b""
+
+    def _reject(self, request, code: int, reason: str, message: str,
+                events: int = 1, **extra) -> bytes:
         self.metrics.http_requests_rejected.labels(reason).inc()
-        self.metrics.events_rejected.labels(reason).inc()
-        return _error(request, code, message)
+        self.metrics.events_rejected.labels(reason).inc(events)
+        return _error(request, code, message, **extra)
 
     def _client_ip(self, request) -> str:
         peer = getattr(request.getClientAddress(), "host", "") or ""
-        return self.client_addresses.resolve(
-            peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"))
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        if forwarded:
+            forwarded = [v.decode("latin-1") for v in forwarded]
+        return self.client_addresses.resolve(peer, forwarded)
 
     @app.route("/healthz")
     def healthz(self, request) -> bytes:
@@ -127,6 +179,11 @@ class IngestAPI:
     def metrics_page(self, request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.metrics.exposition()
+
+    @app.route("/openapi.json")
+    def openapi(self, request) -> bytes:
+        request.setHeader(b"content-type", _JSON)
+        return orjson.dumps(openapi_document())
 
     @app.route("/", branch=True)
     def not_found(self, request) -> bytes:

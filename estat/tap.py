@@ -20,7 +20,9 @@ from .batcher import Batcher
 from .config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from .dlq import DiskDeadLetterQueue
 from .event import ClientAddressResolver
+from .http_access import CorsPolicy, WriteKeys, read_keys_file
 from .http_api import IngestAPI, Readiness
+from .request_body import Limits
 from .http_server import EstatSite, HTTPListenerService
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
@@ -60,6 +62,11 @@ class Options(usage.Options):
                 os.environ,
                 read_dotenv(env_file),
             )
+            if self.config.write_keys_file:
+                try:
+                    read_keys_file(self.config.write_keys_file)
+                except OSError as e:
+                    raise ConfigError(f"invalid WRITE_KEYS_FILE={self.config.write_keys_file!r}: {e.strerror}")
         except ConfigError as e:
             # One line naming the setting and its value, not the whole
             # usage text twistd prints for a UsageError.
@@ -121,13 +128,22 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         max_pending=config.max_pending_batches,
     )
 
+    keys = config.write_keys
+    if config.write_keys_file:
+        keys = keys + read_keys_file(config.write_keys_file)
+    limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
+                    events_per_request=config.max_events_per_request)
     readiness = Readiness(ready=False)
     api = IngestAPI(
         queue=queue,
         metrics=metrics,
         clock=reactor,
         readiness=readiness,
-        client_addresses=ClientAddressResolver(config.trusted_proxies),
+        client_addresses=ClientAddressResolver(config.trusted_proxies,
+                                               anonymize=config.ip_anonymize),
+        limits=limits,
+        write_keys=WriteKeys(keys),
+        cors=CorsPolicy(config.cors_allowed_origins),
     )
 
     def too_large() -> None:
@@ -135,8 +151,9 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         metrics.http_requests_rejected.labels("too_large").inc()
         metrics.events_rejected.labels("too_large").inc()
 
-    site = EstatSite(api.resource(), max_body_size=config.max_body_size,
-                     on_too_large=too_large, reactor=reactor)
+    site = EstatSite(api.resource(), max_body_size=limits.request_size,
+                     on_too_large=too_large, idle_timeout=config.http_idle_timeout,
+                     reactor=reactor)
     http = HTTPListenerService(
         endpoint=serverFromString(reactor, config.http_addr),
         site=site,
