@@ -17,6 +17,7 @@ blocks the reactor.  The loop body never lets an error escape.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from typing import Callable
@@ -64,7 +65,15 @@ def read_dlq_file(path: str) -> EncodedObject:
     @raise CorruptFile: if it is truncated, altered or not one at all.
     """
     with open(path, "rb") as f:
-        data = f.read()
+        return decode_dlq_file(f.read())
+
+
+def decode_dlq_file(data: bytes) -> EncodedObject:
+    """
+    Verify and decode the bytes of one dead-letter file.
+
+    @raise CorruptFile: if they are truncated, altered or not one at all.
+    """
     newline = data.find(b"\n")
     if newline < 0 or newline > 65536:
         raise CorruptFile("no header line")
@@ -80,6 +89,60 @@ def read_dlq_file(path: str) -> EncodedObject:
         raise CorruptFile("body does not match its MD5")
     return EncodedObject(key=key, body=body, count=count, content_md5=md5,
                          poison=bool(header.get("poison", False)))
+
+
+class Claim:
+    """
+    An exclusive claim on one dead-letter file: an C{flock} held from
+    reading it to deleting it, so that the server's retry loop and
+    C{estat-dlq replay} never upload the same file at the same time.
+    Every method blocks on disk: call them in a thread.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def take(cls, path: str) -> "Claim | None":
+        """
+        Claim C{path}, or return C{None} if it is gone or claimed by
+        someone else.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder before us may have deleted it (after uploading it).
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                raise FileNotFoundError(path)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def read(self) -> EncodedObject:
+        chunks = []
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        while True:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return decode_dlq_file(b"".join(chunks))
+
+    def remove(self) -> None:
+        os.unlink(self.path)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def dlq_file_created(name: str) -> float:
@@ -402,12 +465,20 @@ class DiskDeadLetterQueue(Service):
         if result.oldest is None:
             return "empty" if not result.expired else "skipped"
         f = result.oldest
-        path = os.path.join(self.directory, f.name)
+        claim = await self.run_in_thread(Claim.take, os.path.join(self.directory, f.name))
+        if claim is None:
+            # Gone, or claimed by `estat-dlq replay`: look again later.
+            self._retry_at[f.name] = self.clock.seconds() + self.interval
+            return "skipped"
         try:
-            obj = await self.run_in_thread(read_dlq_file, path)
+            return await self._retry_claimed(f, claim)
+        finally:
+            claim.release()
+
+    async def _retry_claimed(self, f: DLQFile, claim: Claim) -> str:
+        try:
+            obj = await self.run_in_thread(claim.read)
         except (CorruptFile, OSError) as e:
-            if isinstance(e, FileNotFoundError):
-                return "skipped"
             await self.run_in_thread(self._quarantine, f.name)
             self._forget(f)
             self.metrics.dlq_files_quarantined.inc()
@@ -427,7 +498,7 @@ class DiskDeadLetterQueue(Service):
             self._retry_at[f.name] = self.clock.seconds() + delay
             self._retry_delay[f.name] = min(self.max_backoff, delay * 2)
             return "failed"
-        await self.run_in_thread(self._remove, f.name)
+        await self.run_in_thread(claim.remove)
         self._forget(f)
         self.metrics.dlq_events_recovered.inc(obj.count)
         self.log.info("stored {count} events of {key} from the dead-letter queue",

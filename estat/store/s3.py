@@ -33,7 +33,7 @@ from twisted.internet.error import (
     TimeoutError as ConnectTimeoutError,
 )
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived, _HTTP11ClientFactory
 from zope.interface import implementer
 
 from ..interfaces import IObjectStore, StoreError
@@ -132,6 +132,7 @@ class S3Store:
         from twisted.web.client import Agent
 
         pool = HTTPConnectionPool(reactor, persistent=True)
+        pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = max(2, config.max_pending_batches + 2)
         # S3 closes idle connections after about 20 s; never reuse one
         # that old.  And no automatic retry: the uploader decides.
@@ -249,6 +250,11 @@ class S3Store:
             # the same key, so either way nothing is duplicated.
             raise StoreError("ConnectionLost", "connection closed before a full response")
         raise StoreError(type(failure.value).__name__, failure.getErrorMessage())
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # No "Starting factory" log lines for every new S3 connection.
+    noisy = False
 
 
 def _headers(headers: Mapping[str, str]) -> dict:
