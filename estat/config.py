@@ -174,6 +174,8 @@ def parse_http_addr(text: str) -> str:
     (``tcp:8080:interface=127.0.0.1``, ``unix:/run/estat.sock``).
     """
     value = text.strip()
+    if re.match(r"^(tcp|tcp6|unix|ssl|systemd):", value):
+        return value
     m = _GO_ADDR.match(value)
     if m is not None:
         port = int(m.group("port"))
@@ -187,8 +189,6 @@ def parse_http_addr(text: str) -> str:
                 ipaddress.ip_address(host)
             return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
         return f"tcp:{port}"
-    if re.match(r"^(tcp|tcp6|unix|ssl|systemd):", value):
-        return value
     raise ValueError("not an address like ':8080' or '127.0.0.1:8080'")
 
 

@@ -41,6 +41,8 @@ class EventQueue(DeferredQueue):
         """
         if self.closed or len(events) > self.size - len(self.pending):
             return False
+        if not events:
+            return True
         if self.waiting:
             # The consumer waits only on an empty queue; queue the rest
             # first so that, woken, it finds them in order.
