@@ -24,7 +24,7 @@ from typing import Callable
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -486,7 +486,8 @@ class DiskDeadLetterQueue(Service):
                            "{quarantine}", name=f.name, error=str(e),
                            quarantine=os.path.join(self.directory, QUARANTINE))
             return "quarantined"
-        self._attempt = self.deliver(obj)
+        # ensureDeferred: a coroutine function is a fine deliver too.
+        self._attempt = ensureDeferred(self.deliver(obj))
         try:
             stored = await self._attempt
         finally:

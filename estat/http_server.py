@@ -167,6 +167,9 @@ class EstatSite(Site):
                 channel.loseConnection()
             else:
                 channel.persistent = False
+                for request in channel.requests:
+                    if not request.startedWriting:
+                        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         d = Deferred()
         if self.channels:
             self._all_closed.append(d)

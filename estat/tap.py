@@ -12,6 +12,7 @@ import sys
 from functools import partial
 
 from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
@@ -110,7 +111,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         retries=config.s3_app_retries,
         gzip_level=config.gzip_level,
     )
-    dead_letters.deliver = lambda obj: uploader.put_with_retries(obj, 0)
+    dead_letters.deliver = lambda obj: Deferred.fromCoroutine(uploader.put_with_retries(obj, 0))
 
     queue = EventQueue(config.channel_size)
     metrics.event_queue_capacity.set(config.channel_size)

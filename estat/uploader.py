@@ -121,6 +121,10 @@ class Uploader:
         """
         attempt = 0
         while True:
+            if self._hurrying:
+                # The shutdown deadline is near: no new attempt that could
+                # outlive it; the dead-letter queue takes the object.
+                return False
             if attempt:
                 self.metrics.s3_put_retries.inc()
             started = self.clock.seconds()
