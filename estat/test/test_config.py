@@ -50,6 +50,25 @@ def load(options=None, environ=None, dotenv=None) -> Config:
     return load_config(options or {}, environ or {}, dotenv or {})
 
 
+def temp_path(case: SynchronousTestCase) -> str:
+    """
+    C{case.mktemp()}, removed again with the directories mktemp made for
+    it, so runs from the project directory (pytest) leave nothing behind.
+    """
+    path = case.mktemp()
+
+    def remove() -> None:
+        if os.path.isfile(path):
+            os.remove(path)
+        try:
+            os.removedirs(os.path.dirname(path))
+        except OSError:
+            pass
+
+    case.addCleanup(remove)
+    return path
+
+
 class ParseDurationTests(SynchronousTestCase):
     """
     L{parse_duration} reads Go's C{time.ParseDuration} syntax as seconds.
@@ -178,7 +197,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(load({"BATCH_SIZE": "9"}).batch_size, 5000)
 
     def test_dotenvFileFeedsLoadConfig(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "w") as f:
             f.write(
                 "# comment\n"
@@ -199,13 +218,13 @@ class PrecedenceTests(SynchronousTestCase):
 
 class ReadDotenvTests(SynchronousTestCase):
     def test_missingFileIsEmpty(self) -> None:
-        self.assertEqual(read_dotenv(self.mktemp()), {})
+        self.assertEqual(read_dotenv(temp_path(self)), {})
 
     def test_emptyPathIsEmpty(self) -> None:
         self.assertEqual(read_dotenv(""), {})
 
     def test_keyWithoutValueIsLeftOut(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "w") as f:
             f.write("BARE\nRAW_BUCKET=\nAWS_REGION=us-east-1\n")
         self.assertEqual(read_dotenv(path), {"RAW_BUCKET": "", "AWS_REGION": "us-east-1"})
@@ -308,6 +327,33 @@ class OtherSettingsTests(SynchronousTestCase):
         with self.assertRaises(ConfigError):
             load({}, {"LOG_FORMAT": "xml"})
 
+    def test_newSettingsDefaults(self) -> None:
+        config = load()
+        self.assertEqual(config.cors_allowed_origins, ())
+        self.assertEqual(config.write_keys, ())
+        self.assertIs(config.ip_anonymize, False)
+        self.assertEqual(config.max_events_per_request, 500)
+
+    def test_origins(self) -> None:
+        config = load({}, {"CORS_ALLOWED_ORIGINS": "https://a.example.com/, http://b.example:8080"})
+        self.assertEqual(config.cors_allowed_origins,
+                         ("https://a.example.com", "http://b.example:8080"))
+        self.assertEqual(load({}, {"CORS_ALLOWED_ORIGINS": "*"}).cors_allowed_origins, ("*",))
+        for bad in ("a.example.com", "https://a.example.com/path", "ftp://a"):
+            with self.assertRaises(ConfigError, msg=bad):
+                load({}, {"CORS_ALLOWED_ORIGINS": bad})
+
+    def test_writeKeys(self) -> None:
+        self.assertEqual(load({}, {"WRITE_KEYS": " k1, k2 k3 "}).write_keys, ("k1", "k2", "k3"))
+
+    def test_boolean(self) -> None:
+        for text in ("1", "true", "YES", "on"):
+            self.assertIs(load({}, {"IP_ANONYMIZE": text}).ip_anonymize, True, text)
+        for text in ("0", "false", "No", "off", ""):
+            self.assertIs(load({}, {"IP_ANONYMIZE": text}).ip_anonymize, False, text)
+        with self.assertRaises(ConfigError):
+            load({}, {"IP_ANONYMIZE": "maybe"})
+
     def test_addressingStyle(self) -> None:
         self.assertEqual(load({}, {"S3_ADDRESSING_STYLE": "Path"}).s3_addressing_style, "path")
         with self.assertRaises(ConfigError):
@@ -376,7 +422,7 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         # A .env file that does not exist, so the test's working directory
         # does not matter.
-        options.parseOptions(["--env-file", self.mktemp(), *argv])
+        options.parseOptions(["--env-file", temp_path(self), *argv])
         return options
 
     def test_optionValues(self) -> None:
@@ -406,7 +452,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--env-file=", usage)
 
     def test_envFileIsRead(self) -> None:
-        path = self.mktemp()
+        path = temp_path(self)
         with open(path, "w") as f:
             f.write("GZIP_LEVEL=3\nSHUTDOWN_TIMEOUT=7s\n")
         for env in ("GZIP_LEVEL", "SHUTDOWN_TIMEOUT"):

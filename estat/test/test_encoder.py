@@ -47,8 +47,8 @@ def gunzip(body: bytes) -> bytes:
     with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
         data = f.read()
     d = zlib.decompressobj(31)
-    self_check = d.decompress(body) + d.flush()
-    if self_check != data or d.unused_data:
+    again = d.decompress(body) + d.flush()
+    if again != data or d.unused_data:
         raise ValueError("not exactly one gzip member")
     return data
 
@@ -191,6 +191,19 @@ class PoisonTests(SynchronousTestCase):
         record = self.assertPoisonRecord(line, raw, "TypeError", {"ip": "1.2.3.4"})
         self.assertEqual(record["raw"], '{"v":"\\xff\\xfe"}')
 
+    def test_noRawOriginal(self) -> None:
+        """
+        An event that came without its own raw body (one of a batch request)
+        is set aside with its object written as text.
+        """
+        bad = UnencodedEvent(obj={"v": "\ud800", "_estat": {"ip": "1.2.3.4"}}, raw=None)
+        [poison] = encode_batch(batch(bad))
+        [line] = gunzip(poison.body).splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["raw"], repr(bad.obj))
+        self.assertEqual(record["_estat"], {"ip": "1.2.3.4"})
+        self.assertTrue(record["error"].startswith("UnicodeEncodeError:"))
+
     def test_onlyPoison(self) -> None:
         raws = [b'{"v":"\\ud800"}', b'{"v":"\\udfff"}']
         events = [poison_event("\ud800", raws[0], {"n": 1}),
@@ -222,11 +235,11 @@ class PoisonTests(SynchronousTestCase):
         self.assertIsNone(json.loads(line)["_estat"])
 
     def test_longErrorTruncated(self) -> None:
-        class Loud:
-            def __repr__(self) -> str:
-                return "x" * 5000
+        class Loud(dict):
+            def items(self):
+                raise ValueError("x" * 5000)
 
-        bad = poison_event(Loud(), b"r")
+        bad = poison_event(Loud(a=1), b"r")
         [poison] = encode_batch(batch(bad))
         [line] = gunzip(poison.body).splitlines()
         self.assertEqual(len(json.loads(line)["error"]), 500)

@@ -18,9 +18,12 @@ from estat.event import (
     EventRejected,
     UnencodedEvent,
     _ReceivedAtFormatter,
+    anonymize_ip,
+    check_event,
     format_received_at,
     make_line,
     parse_event,
+    parse_json,
 )
 
 
@@ -145,6 +148,33 @@ class ParseEventTests(SynchronousTestCase):
         exc = EventRejected("r", "m")
         self.assertIsInstance(exc, ValueError)
         self.assertEqual((exc.reason, exc.message, str(exc)), ("r", "m", "m"))
+
+
+class ParseJSONTests(SynchronousTestCase):
+    """
+    L{parse_json} parses any JSON document with the same strictness, and
+    L{check_event} decides whether a parsed value is an event.
+    """
+
+    def test_anyDocument(self) -> None:
+        self.assertEqual(parse_json(b'[{"a":1},{"b":2}]'), [{"a": 1}, {"b": 2}])
+        self.assertEqual(parse_json(b"3"), 3)
+        self.assertEqual(parse_json(b"[%d]" % (2 ** 70,)), [2 ** 70])
+
+    def test_invalid(self) -> None:
+        for body in [b"[", b"[NaN]", b"[1e400]", b'["\xff"]']:
+            with self.assertRaises(EventRejected, msg=repr(body)) as cm:
+                parse_json(body)
+            self.assertEqual(cm.exception.reason, "invalid_json")
+
+    def test_checkEvent(self) -> None:
+        event = {"a": 1}
+        self.assertIs(check_event(event), event)
+        for value, reason in [([], "not_an_object"), ("s", "not_an_object"),
+                              (None, "not_an_object"), ({"_estat": 1}, "reserved_field")]:
+            with self.assertRaises(EventRejected) as cm:
+                check_event(value)
+            self.assertEqual(cm.exception.reason, reason)
 
 
 class MakeLineTests(SynchronousTestCase):
@@ -326,3 +356,29 @@ class ClientAddressResolverTests(SynchronousTestCase):
     def test_unparseablePeer(self) -> None:
         r = resolver("10.0.0.0/8")
         self.assertEqual(r.resolve("unix-socket", ["1.2.3.4"]), "unix-socket")
+
+
+class AnonymizeTests(SynchronousTestCase):
+    def test_ipv4LastOctet(self) -> None:
+        self.assertEqual(anonymize_ip("203.0.113.77"), "203.0.113.0")
+        self.assertEqual(anonymize_ip("10.1.2.255"), "10.1.2.0")
+
+    def test_ipv6Keeps48Bits(self) -> None:
+        self.assertEqual(anonymize_ip("2001:db8:abcd:1234:5678:9abc:def0:1"), "2001:db8:abcd::")
+
+    def test_ipv4Mapped(self) -> None:
+        self.assertEqual(anonymize_ip("::ffff:203.0.113.77"), "203.0.113.0")
+
+    def test_notAnAddress(self) -> None:
+        self.assertEqual(anonymize_ip("unix-socket"), "")
+        self.assertEqual(anonymize_ip(""), "")
+
+    def test_resolverAnonymizesTheResolvedClient(self) -> None:
+        r = ClientAddressResolver(
+            (ipaddress.ip_network("10.0.0.0/8"),), anonymize=True)
+        self.assertEqual(r.resolve("10.0.0.1", ["6.6.6.6, 1.2.3.4"]), "1.2.3.0")
+        self.assertEqual(r.resolve("203.0.113.9", ["1.2.3.4"]), "203.0.113.0")
+        self.assertEqual(r.resolve("10.0.0.1", None), "10.0.0.0")
+
+    def test_resolverDoesNotAnonymizeByDefault(self) -> None:
+        self.assertEqual(ClientAddressResolver().resolve("203.0.113.9", None), "203.0.113.9")

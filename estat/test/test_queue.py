@@ -1,0 +1,180 @@
+# -*- test-case-name: estat.test.test_queue -*-
+"""
+Tests for L{estat.queue}.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError, QueueUnderflow
+from twisted.trial.unittest import SynchronousTestCase
+
+from estat.queue import EventQueue
+
+
+def events(*names: str) -> list:
+    return [(float(i), name.encode()) for i, name in enumerate(names)]
+
+
+class OfferTests(SynchronousTestCase):
+    def test_offerAll(self) -> None:
+        q = EventQueue(3)
+        self.assertTrue(q.offer(events("a", "b")))
+        self.assertEqual(len(q), 2)
+        self.assertEqual(q.free, 1)
+
+    def test_allOrNothing(self) -> None:
+        q = EventQueue(3)
+        self.assertTrue(q.offer(events("a", "b")))
+        self.assertFalse(q.offer(events("c", "d")))
+        self.assertEqual(len(q), 2)
+        self.assertEqual(q.take(10), events("a", "b"))
+
+    def test_exactFit(self) -> None:
+        q = EventQueue(3)
+        self.assertTrue(q.offer(events("a")))
+        self.assertTrue(q.offer(events("b", "c")))
+        self.assertEqual(len(q), 3)
+        self.assertEqual(q.free, 0)
+
+    def test_fullQueueRefuses(self) -> None:
+        q = EventQueue(2)
+        self.assertTrue(q.offer(events("a", "b")))
+        self.assertFalse(q.offer(events("c")))
+        self.assertEqual(len(q), 2)
+        q.take(1)
+        self.assertTrue(q.offer(events("c")))
+
+    def test_tooManyForAnEmptyQueue(self) -> None:
+        q = EventQueue(2)
+        self.assertFalse(q.offer(events("a", "b", "c")))
+        self.assertEqual(len(q), 0)
+
+    def test_closedQueueRefuses(self) -> None:
+        q = EventQueue(10)
+        self.assertTrue(q.offer(events("a")))
+        q.close()
+        self.assertTrue(q.closed)
+        self.assertFalse(q.offer(events("b")))
+        # What was queued before closing stays to be taken.
+        self.assertEqual(q.take(10), events("a"))
+
+    def test_closedQueueRefusesAWaitingConsumer(self) -> None:
+        q = EventQueue(10)
+        d = q.get()
+        q.close()
+        self.assertFalse(q.offer(events("a")))
+        self.assertNoResult(d)
+
+    def test_offerNothing(self) -> None:
+        q = EventQueue(2)
+        self.assertTrue(q.offer([]))
+        self.assertEqual(len(q), 0)
+
+    def test_offerNothingToAWaitingConsumer(self) -> None:
+        """
+        Offering no events succeeds and leaves a waiting consumer waiting.
+        """
+        q = EventQueue(2)
+        d = q.get()
+        self.assertTrue(q.offer([]))
+        self.assertNoResult(d)
+        self.assertTrue(q.offer(events("a")))
+        self.assertEqual(self.successResultOf(d), events("a")[0])
+
+
+class TakeTests(SynchronousTestCase):
+    def test_order(self) -> None:
+        q = EventQueue(10)
+        all_events = events("a", "b", "c", "d", "e")
+        q.offer(all_events[:2])
+        q.offer(all_events[2:])
+        self.assertEqual(q.take(2), all_events[:2])
+        self.assertEqual(len(q), 3)
+        self.assertEqual(q.take(10), all_events[2:])
+        self.assertEqual(q.take(1), [])
+        self.assertEqual(len(q), 0)
+        self.assertEqual(q.free, 10)
+
+    def test_takeExactlyAll(self) -> None:
+        q = EventQueue(3)
+        q.offer(events("a", "b", "c"))
+        self.assertEqual(q.take(3), events("a", "b", "c"))
+        self.assertEqual(len(q), 0)
+
+    def test_takeZero(self) -> None:
+        q = EventQueue(3)
+        q.offer(events("a"))
+        self.assertEqual(q.take(0), [])
+        self.assertEqual(len(q), 1)
+
+    def test_takenListIsACopy(self) -> None:
+        q = EventQueue(3)
+        q.offer(events("a", "b"))
+        taken = q.take(10)
+        q.offer(events("c"))
+        self.assertEqual(taken, events("a", "b"))
+        self.assertEqual(q.take(10), events("c"))
+
+
+class GetTests(SynchronousTestCase):
+    def test_getNonEmpty(self) -> None:
+        q = EventQueue(3)
+        q.offer(events("a", "b"))
+        self.assertEqual(self.successResultOf(q.get()), events("a")[0])
+        self.assertEqual(q.take(10), events("a", "b")[1:])
+
+    def test_waitingGetReceivesFirst(self) -> None:
+        q = EventQueue(5)
+        d = q.get()
+        self.assertNoResult(d)
+        batch = events("a", "b", "c")
+        self.assertTrue(q.offer(batch))
+        self.assertEqual(self.successResultOf(d), batch[0])
+        self.assertEqual(len(q), 2)
+        self.assertEqual(q.take(10), batch[1:])
+
+    def test_restAreQueuedBeforeTheConsumerRuns(self) -> None:
+        """
+        A consumer woken by C{offer} finds the rest of the events already
+        queued, in order.
+        """
+        q = EventQueue(5)
+        seen = []
+        d = q.get()
+        d.addCallback(lambda first: seen.append([first] + q.take(10)))
+        batch = events("a", "b", "c")
+        q.offer(batch)
+        self.assertEqual(seen, [batch])
+
+    def test_waitingConsumerFreesRoom(self) -> None:
+        q = EventQueue(2)
+        d = q.get()
+        self.assertTrue(q.offer(events("a", "b")))
+        self.successResultOf(d)
+        self.assertEqual(len(q), 1)
+        self.assertEqual(q.free, 1)
+
+    def test_oneConsumer(self) -> None:
+        q = EventQueue(2)
+        q.get()
+        self.assertRaises(QueueUnderflow, q.get)
+
+    def test_cancel(self) -> None:
+        q = EventQueue(3)
+        d = q.get()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        # The cancelled get takes nothing: the event is queued for the next.
+        self.assertTrue(q.offer(events("a")))
+        self.assertEqual(len(q), 1)
+        self.assertEqual(self.successResultOf(q.get()), events("a")[0])
+        self.assertEqual(len(q), 0)
+
+    def test_cancelFreesTheConsumerSlot(self) -> None:
+        q = EventQueue(3)
+        cancelled = q.get()
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        d = q.get()
+        q.offer(events("a"))
+        self.assertEqual(self.successResultOf(d), events("a")[0])
