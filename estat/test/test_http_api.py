@@ -168,8 +168,19 @@ class RejectTests(APITestsMixin, SynchronousTestCase):
     def test_empty_body(self):
         self.assert_bad_request(b'', "invalid_json")
 
-    def test_array(self):
-        self.assert_bad_request(b'[{"a":1}]', "not_an_object")
+    def test_array_of_scalars(self):
+        """
+        An array is a batch of events; a scalar in it is refused, and its
+        index named.
+        """
+        self.make_api()
+        response, content = self.collect(b'[1]')
+        self.assertEqual(response.code, 400)
+        error = json.loads(content)
+        self.assertIn("error", error)
+        self.assertEqual(error["index"], 0)
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.sample("http_requests_rejected_total", reason="not_an_object"), 1)
 
     def test_scalar(self):
         self.assert_bad_request(b'42', "not_an_object")
@@ -182,14 +193,19 @@ class RejectTests(APITestsMixin, SynchronousTestCase):
                                         "reserved_field")
         self.assertIn("_estat", error["error"])
 
+    def allowed(self, response) -> set:
+        [allow] = self.header(response, "allow")
+        return {m.strip() for m in allow.split(b",")}
+
     def test_get_not_allowed(self):
         """
-        C{GET /collect} is answered 405 with C{Allow: POST}.
+        C{GET /collect} is answered 405 with an C{Allow} header naming POST.
         """
         self.make_api()
         response, content = self.request("GET", "/collect")
         self.assertEqual(response.code, 405)
-        self.assertEqual(self.header(response, "allow"), [b"POST"])
+        self.assertIn(b"POST", self.allowed(response))
+        self.assertNotIn(b"GET", self.allowed(response))
         self.assertIn("error", json.loads(content))
         self.assertEqual(
             self.sample("http_requests_rejected_total", reason="method_not_allowed"), 1)
@@ -201,7 +217,8 @@ class RejectTests(APITestsMixin, SynchronousTestCase):
         self.make_api()
         response, content = self.request("PUT", "/collect", b'{"a":1}')
         self.assertEqual(response.code, 405)
-        self.assertEqual(self.header(response, "allow"), [b"POST"])
+        self.assertIn(b"POST", self.allowed(response))
+        self.assertNotIn(b"PUT", self.allowed(response))
         self.assertIn("error", json.loads(content))
         self.assertEqual(self.queued(), [])
 
@@ -237,6 +254,54 @@ class RejectTests(APITestsMixin, SynchronousTestCase):
         self.assertIn("error", json.loads(content))
         self.assertEqual(self.queued(), [])
         self.assertEqual(self.sample("http_requests_accepted_total"), 0)
+
+
+class BatchTests(APITestsMixin, SynchronousTestCase):
+    def test_array_of_objects(self):
+        """
+        A JSON array of objects is accepted as a batch: each element is
+        queued with the same server fields.
+        """
+        self.make_api()
+        response, content = self.collect(b'[{"n":1},{"n":2},{"n":3}]',
+                                         {"User-Agent": ["ua"]})
+        self.assertEqual(response.code, 202)
+        self.assertEqual(json.loads(content), {"accepted": 3})
+        queued = self.queued()
+        self.assertEqual([t for t, _ in queued], [NOW] * 3)
+        objs = [json.loads(line) for _, line in queued]
+        self.assertEqual([o["n"] for o in objs], [1, 2, 3])
+        for o in objs:
+            self.assertEqual(o["_estat"], {"received_at": "2023-11-14T22:13:20.250Z",
+                                           "ip": "127.0.0.1", "user_agent": "ua"})
+        self.assertEqual(self.sample("http_requests_accepted_total"), 1)
+        self.assertEqual(self.sample("events_accepted_total"), 3)
+
+    def test_batch_is_all_or_nothing(self):
+        """
+        One bad element refuses the whole batch, naming its index.
+        """
+        self.make_api()
+        response, content = self.collect(b'[{"n":1},{"_estat":{}},{"n":3}]')
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(content)["index"], 1)
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.sample("http_requests_rejected_total", reason="reserved_field"), 1)
+
+    def test_batch_larger_than_free_room(self):
+        """
+        A batch that does not fit whole in the queue is refused with 503;
+        none of its events is queued.
+        """
+        self.make_api(queue_size=3)
+        response, _ = self.collect(b'[{"n":1},{"n":2}]')
+        self.assertEqual(response.code, 202)
+        response, _ = self.collect(b'[{"n":3},{"n":4}]')
+        self.assertEqual(response.code, 503)
+        self.assertEqual(self.header(response, "retry-after"), [b"7"])
+        self.assertEqual([json.loads(line)["n"] for _, line in self.queued()], [1, 2])
+        self.assertEqual(self.sample("http_requests_rejected_queue_full_total"), 1)
+        self.assertEqual(self.sample("events_rejected_total", reason="queue_full"), 2)
 
 
 class ClientAddressTests(APITestsMixin, SynchronousTestCase):
