@@ -17,7 +17,6 @@ import datetime
 import ipaddress
 import json
 import math
-import re
 from functools import lru_cache
 from typing import Any, Union
 
@@ -86,8 +85,14 @@ def _finite_float(text: str) -> float:
 
 #: A run of 19 digits may be an integer beyond 64 bits (-9999999999999999999
 #: already is), which orjson would silently turn into a float; such bodies
-#: take the exact, slower parser.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+#: take the exact, slower parser.  Found by mapping every digit to b"0" and
+#: searching for nineteen of them: C speed, where a regex costs ~20 us/KB.
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def _has_long_digit_run(body: bytes) -> bool:
+    return _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)
 
 
 def parse_json(body: bytes) -> Any:
@@ -102,7 +107,7 @@ def parse_json(body: bytes) -> Any:
     @raise EventRejected: if it is not valid JSON.
     """
     try:
-        if _LONG_DIGITS.search(body) is None:
+        if not _has_long_digit_run(body):
             return orjson.loads(body)
         return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant,
                           parse_float=_finite_float)
