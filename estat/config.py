@@ -251,6 +251,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WRITE_KEYS_FILE", "", _string, "file of accepted write keys, one per line (added to WRITE_KEYS)"),
     Setting("IP_ANONYMIZE", "false", _boolean, "zero the last octet of IPv4 / last 80 bits of IPv6 client addresses"),
     Setting("HTTP_IDLE_TIMEOUT", "75s", _positive_duration, "close keep-alive connections idle this long (keep above the ALB's idle timeout, 60s)"),
+    Setting("REQUEST_TIMEOUT", "30s", _positive_duration, "a request's headers and body must arrive within this (answer: 408)"),
+    Setting("MAX_CONNECTIONS", "5000", _positive_int, "open HTTP connections beyond this are closed at once"),
     Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
 )
 
@@ -293,6 +295,8 @@ class Config:
     write_keys_file: str = attr.ib()
     ip_anonymize: bool = attr.ib()
     http_idle_timeout: float = attr.ib()
+    request_timeout: float = attr.ib()
+    max_connections: int = attr.ib()
     log_format: str = attr.ib()
 
     @classmethod

@@ -40,6 +40,44 @@ class EstatRequest(Request):
 
     _too_large = False
     _received = 0
+    _deadline = None
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        super().__init__(channel, *args, **kwargs)
+        timeout = getattr(channel.site, "request_timeout", None)
+        if timeout:
+            # Headers and body must arrive within the deadline, however
+            # slowly the bytes trickle in (the idle timeout resets on every
+            # byte, so it alone would let a slowloris client hold a
+            # connection forever).
+            self._deadline = channel.callLater(timeout, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._too_large:
+            return
+        site = self.channel.site
+        site.on_timeout()
+        body = b'{"error":"request not received in time"}'
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body))
+        self._too_large = True  # ignore whatever else arrives
+        self.channel.persistent = False
+        transport.loseConnection()
+        self.channel.callLater(1.0, transport.abortConnection)
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
 
     def gotLength(self, length: int | None) -> None:
         site = self.channel.site
@@ -87,6 +125,7 @@ class EstatRequest(Request):
         self.channel.persistent = False
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_deadline()
         if self._too_large:
             return
         super().requestReceived(command, path, version)
@@ -135,9 +174,17 @@ class EstatSite(Site):
         on_too_large: Callable[[], None] = lambda: None,
         idle_timeout: float = 75.0,
         reactor=None,
+        request_timeout: float | None = None,
+        max_connections: int | None = None,
+        on_timeout: Callable[[], None] = lambda: None,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False,
                          timeout=idle_timeout, reactor=reactor)
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.on_timeout = on_timeout
+        self.on_refused = on_refused
         self.noisy = False
         self.max_body_size = max_body_size
         self.on_too_large = on_too_large
@@ -149,6 +196,13 @@ class EstatSite(Site):
         """
         No access log: a line per request is a line per event.
         """
+
+    def buildProtocol(self, addr):
+        if self.max_connections is not None and len(self.channels) >= self.max_connections:
+            # Returning None makes Twisted close the new socket at once.
+            self.on_refused()
+            return None
+        return super().buildProtocol(addr)
 
     def channel_closed(self) -> None:
         if not self.channels:

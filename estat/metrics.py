@@ -71,6 +71,12 @@ class Metrics:
             "http_request_duration_seconds",
             "Time to answer POST /collect", buckets=_LATENCY_BUCKETS,
             registry=r)
+        self.http_connections_open = Gauge(
+            "http_connections_open", "Open HTTP connections", registry=r)
+        self.http_connections_refused = Counter(
+            "http_connections_refused",
+            "Connections closed at once because MAX_CONNECTIONS were open",
+            registry=r)
         self.events_accepted = Counter(
             "events_accepted", "Events put on the event queue", registry=r)
         self.events_rejected = Counter(

@@ -152,9 +152,18 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         metrics.http_requests_rejected.labels("too_large").inc()
         metrics.events_rejected.labels("too_large").inc()
 
+    def timed_out() -> None:
+        metrics.http_requests_rejected.labels("request_timeout").inc()
+
+    def refused() -> None:
+        metrics.http_connections_refused.inc()
+
     site = EstatSite(api.resource(), max_body_size=limits.request_size,
                      on_too_large=too_large, idle_timeout=config.http_idle_timeout,
-                     reactor=reactor)
+                     reactor=reactor, request_timeout=config.request_timeout,
+                     max_connections=config.max_connections,
+                     on_timeout=timed_out, on_refused=refused)
+    metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
         endpoint=serverFromString(reactor, config.http_addr),
         site=site,
