@@ -59,6 +59,8 @@ class EstatService(MultiService):
     metrics: Metrics = attr.ib()
     clock: IReactorTime = attr.ib()
     shutdown_timeout: float = attr.ib(default=25.0)
+    #: Called once a shutdown drained everything in time.
+    on_clean_shutdown: object = attr.ib(default=lambda: None)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
@@ -104,6 +106,7 @@ class EstatService(MultiService):
                 hurry.cancel()
         self.log.info("shutdown complete: every accepted event is stored or in the "
                       "dead-letter queue")
+        self.on_clean_shutdown()
 
     def _hurry(self) -> None:
         self.log.warn("shutdown deadline near: uploads still failing go to the "

@@ -181,10 +181,22 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         metrics=metrics,
         clock=reactor,
         shutdown_timeout=config.shutdown_timeout,
+        on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
     )
     service.api = api
     service.site = site
     return service
+
+
+def _exit_zero_after_signal(reactor) -> None:
+    """
+    twistd exits by re-raising the signal that stopped it (status 143 for
+    SIGTERM).  After a shutdown that drained everything, exit 0 instead,
+    as the original service does; a shutdown that missed its deadline
+    keeps the signal status.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
 
 
 def makeService(options, reactor=None) -> EstatService:
