@@ -195,9 +195,9 @@ class S3Store:
             self.sign, "PUT", self.url(key), body,
             {"Content-MD5": content_md5, "Content-Type": CONTENT_TYPE,
              "Content-Encoding": CONTENT_ENCODING})
-        response = await self.http.request(
-            "PUT", signed.url, data=body, headers=_headers(signed.headers))
-        content = await response.content()
+        response = await _cancellable(self.http.request(
+            "PUT", signed.url, data=body, headers=_headers(signed.headers)))
+        content = await _cancellable(response.content())
         if response.code != 200:
             code, message = s3_error_code(response.code, content)
             raise StoreError(code, message, retryable=_retryable(response.code, code))
@@ -214,8 +214,9 @@ class S3Store:
 
     async def _check(self) -> None:
         signed = await self.run_in_thread(self.sign, "HEAD", self.url(""))
-        response = await self.http.request("HEAD", signed.url, headers=_headers(signed.headers))
-        await response.content()
+        response = await _cancellable(
+            self.http.request("HEAD", signed.url, headers=_headers(signed.headers)))
+        await _cancellable(response.content())
         if response.code == 404:
             raise StoreError("NoSuchBucket", f"bucket {self.bucket!r} does not exist",
                              retryable=False)
@@ -250,6 +251,21 @@ class S3Store:
             # the same key, so either way nothing is duplicated.
             raise StoreError("ConnectionLost", "connection closed before a full response")
         raise StoreError(type(failure.value).__name__, failure.getErrorMessage())
+
+
+async def _cancellable(d: Deferred):
+    """
+    Await C{d}; when it was cancelled (by the per-attempt timeout or by the
+    uploader's hurry), fail with C{CancelledError} as a cancelled Deferred
+    should -- the HTTP client reports it wrapped in C{ResponseNeverReceived}
+    or C{ResponseFailed}, which would hide a timeout as a lost connection.
+    """
+    try:
+        return await d
+    except (ResponseNeverReceived, ResponseFailed) as e:
+        if any(r.check(CancelledError) for r in e.reasons):
+            raise CancelledError() from None
+        raise
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
