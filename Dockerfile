@@ -29,5 +29,5 @@ VOLUME ["/var/lib/estat/dlq"]
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import os,sys,urllib.request; a=os.environ.get('HTTP_ADDR',':8080'); p=a.rsplit(':',1)[-1]; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:'+p+'/healthz', timeout=2).status==200 else 1)"]
+  CMD ["python", "-m", "estat.healthcheck", "/healthz"]
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logger=estat.logs.observer", "estat"]
