@@ -90,29 +90,27 @@ class IngestAPI:
                                     "a valid write key is required")
             headers = request.requestHeaders
             body = request.content.getvalue()
+            items = ()
             try:
                 encoding = headers.getRawHeaders(b"content-encoding")
                 if encoding:
                     body = decode_content(body, encoding[0], self.limits.body_size)
                 ctype = headers.getRawHeaders(b"content-type")
                 items, batch = decode_events(body, ctype[0] if ctype else None, self.limits)
+                server_fields = {
+                    "received_at": format_received_at(started),
+                    "ip": self._client_ip(request),
+                    "user_agent": _header(request, b"user-agent"),
+                }
+                if batch:
+                    events = self._batch_events(started, items, server_fields)
+                else:
+                    obj, raw = items[0]
+                    events = [(started, make_line(obj, server_fields, raw))]
             except BodyRejected as e:
                 extra = {"index": e.index} if e.index is not None else {}
-                return self._reject(request, e.status, e.reason, e.message, **extra)
-            server_fields = {
-                "received_at": format_received_at(started),
-                "ip": self._client_ip(request),
-                "user_agent": _header(request, b"user-agent"),
-            }
-            if batch:
-                events = self._batch_events(started, items, server_fields)
-                if type(events) is bytes:
-                    # Too large an element: the error body.
-                    request.setResponseCode(413)
-                    return events
-            else:
-                obj, raw = items[0]
-                events = [(started, make_line(obj, server_fields, raw))]
+                return self._reject(request, e.status, e.reason, e.message,
+                                    events=max(1, e.count or len(items)), **extra)
             if not self.queue.offer(events):
                 request.setHeader(b"retry-after", b"%d" % self.retry_after)
                 self.metrics.http_requests_rejected_queue_full.inc()
@@ -136,10 +134,8 @@ class IngestAPI:
         for index, (obj, raw) in enumerate(items):
             line = make_line(obj, server_fields, raw)
             if type(line) is bytes and len(line) - overhead > limit:
-                self.metrics.http_requests_rejected.labels("too_large").inc()
-                self.metrics.events_rejected.labels("too_large").inc(len(items))
-                return orjson.dumps({"error": f"an event may be at most {limit} bytes",
-                                     "index": index})
+                raise BodyRejected(413, "too_large", f"an event may be at most {limit} bytes",
+                                   index)
             events.append((started, line))
         return events
 
@@ -164,11 +160,15 @@ class IngestAPI:
 
     @app.route("/healthz")
     def healthz(self, request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _read_only(request)
         request.setHeader(b"content-type", _JSON)
         return b'{"status":"ok"}'
 
     @app.route("/readyz")
     def readyz(self, request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _read_only(request)
         request.setHeader(b"content-type", _JSON)
         if self.readiness.ready:
             return b'{"status":"ready"}'
@@ -177,17 +177,26 @@ class IngestAPI:
 
     @app.route("/metrics")
     def metrics_page(self, request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _read_only(request)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return self.metrics.exposition()
 
     @app.route("/openapi.json")
     def openapi(self, request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return _read_only(request)
         request.setHeader(b"content-type", _JSON)
         return orjson.dumps(openapi_document())
 
     @app.route("/", branch=True)
     def not_found(self, request) -> bytes:
         return _error(request, 404, "not found")
+
+
+def _read_only(request) -> bytes:
+    request.setHeader(b"allow", b"GET, HEAD")
+    return _error(request, 405, "method not allowed; use GET")
 
 
 class _Root(Resource):

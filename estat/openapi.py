@@ -86,10 +86,6 @@ def openapi_document() -> dict:
                     "summary": "CORS preflight",
                     "responses": {"204": {"description": "preflight answer"}},
                 },
-                "get": {
-                    "summary": "Not allowed",
-                    "responses": {"405": _error("use POST")},
-                },
             },
             "/healthz": {"get": {"summary": "Liveness", "responses": {
                 "200": {"description": "alive", "content": {"application/json": {

@@ -30,12 +30,15 @@ class BodyRejected(Exception):
     @ivar index: the index of the first bad element of a batch, if any.
     """
 
-    def __init__(self, status: int, reason: str, message: str, index: int | None = None) -> None:
+    def __init__(self, status: int, reason: str, message: str, index: int | None = None,
+                 count: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
         self.index = index
+        #: events in the refused request, where known (for the metrics)
+        self.count = count
 
 
 @attr.s(frozen=True, slots=True)
@@ -136,7 +139,11 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
         if len(items) > limits.events_per_request:
             raise BodyRejected(413, "too_many_events",
                                f"a request may carry at most {limits.events_per_request} events")
-        return [(_element(obj, i), None) for i, obj in enumerate(items)], True
+        try:
+            return [(_element(obj, i), None) for i, obj in enumerate(items)], True
+        except BodyRejected as e:
+            e.count = len(items) if isinstance(items, list) else 1
+            raise
     if len(body) > limits.event_size:
         raise BodyRejected(413, "too_large", f"an event may be at most {limits.event_size} bytes")
     try:
