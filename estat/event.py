@@ -154,9 +154,13 @@ def make_line(obj: dict, server_fields: dict, raw: bytes | None) -> Union[bytes,
     """
     obj[SERVER_FIELD] = server_fields
     try:
-        return orjson.dumps(obj)
+        line = orjson.dumps(obj)
     except (orjson.JSONEncodeError, TypeError):
         return UnencodedEvent(obj=obj, raw=raw)
+    # orjson's bytes keep a 4 KiB allocation whatever their length (measured:
+    # 20,000 lines of 435 bytes hold 79 MB, copies 9.5 MB).  Lines wait in
+    # the queue and in batches, so keep a right-sized copy: ~0.2 us.
+    return memoryview(line).tobytes()
 
 
 class _ReceivedAtFormatter:
