@@ -79,6 +79,9 @@ def botocore_credentials(environ: Mapping[str, str] | None = None) -> Callable[[
     import botocore.session
 
     session = botocore.session.get_session()
+    if environ is not None:
+        # botocore's environment provider reads os.environ unless told.
+        session.get_component("credential_provider").get_provider("env").environ = environ
     state = {}
 
     def get():
@@ -195,8 +198,11 @@ class S3Store:
             self.sign, "PUT", self.url(key), body,
             {"Content-MD5": content_md5, "Content-Type": CONTENT_TYPE,
              "Content-Encoding": CONTENT_ENCODING})
+        # Never follow a redirect: S3's 301 means a wrong region, and a
+        # followed request would carry a signature for another host.
         response = await _cancellable(self.http.request(
-            "PUT", signed.url, data=body, headers=_headers(signed.headers)))
+            "PUT", signed.url, data=body, headers=_headers(signed.headers),
+            allow_redirects=False))
         content = await _cancellable(response.content())
         if response.code != 200:
             code, message = s3_error_code(response.code, content)
@@ -215,7 +221,8 @@ class S3Store:
     async def _check(self) -> None:
         signed = await self.run_in_thread(self.sign, "HEAD", self.url(""))
         response = await _cancellable(
-            self.http.request("HEAD", signed.url, headers=_headers(signed.headers)))
+            self.http.request("HEAD", signed.url, headers=_headers(signed.headers),
+                              allow_redirects=False))
         await _cancellable(response.content())
         if response.code == 404:
             raise StoreError("NoSuchBucket", f"bucket {self.bucket!r} does not exist",
