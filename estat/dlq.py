@@ -377,16 +377,24 @@ class DiskDeadLetterQueue(Service):
         the next pass.  Never raises.
         """
         try:
+            failures = 0
             while self._retrying:
                 outcome = await self.retry_oldest()
                 if outcome == "empty":
                     self._delay = self.interval
                     return self.interval
                 if outcome == "failed":
-                    delay = self._delay
-                    self._delay = min(self.max_backoff, self._delay * 2)
-                    return delay
+                    failures += 1
+                    if failures >= 2:
+                        # Two files in a row refused: the store is down, wait.
+                        delay = self._delay
+                        self._delay = min(self.max_backoff, self._delay * 2)
+                        return delay
+                    # One file refused: it is in its own backoff now; try the
+                    # next, so that one bad file never holds up the others.
+                    continue
                 # "stored", "quarantined", "skipped": go on back to back.
+                failures = 0
                 self._delay = self.interval
             return self.interval
         except CancelledError:
