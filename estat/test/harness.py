@@ -162,7 +162,9 @@ _POLICY = {
         "Effect": "Allow",
         "Action": ["s3:PutObject", "s3:GetObject", "s3:ListBucket",
                    # moto checks HeadBucket under its own action name.
-                   "s3:HeadBucket"],
+                   "s3:HeadBucket",
+                   # temporary credentials for the container-credentials test
+                   "sts:AssumeRole"],
         "Resource": "*",
     }],
 }
@@ -207,6 +209,15 @@ class MotoServer:
             policy = iam.create_policy(PolicyName="estat-s3",
                                        PolicyDocument=json.dumps(_POLICY))
             iam.attach_user_policy(UserName="estat", PolicyArn=policy["Policy"]["Arn"])
+            # A task role, as on ECS: assuming it gives temporary
+            # credentials with a session token that moto recognises.
+            trust = {"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": "sts:AssumeRole",
+                "Principal": {"AWS": "arn:aws:iam::123456789012:user/estat"}}]}
+            role = iam.create_role(RoleName="estat-task",
+                                   AssumeRolePolicyDocument=json.dumps(trust))
+            self.role_arn = role["Role"]["Arn"]
+            iam.attach_role_policy(RoleName="estat-task", PolicyArn=policy["Policy"]["Arn"])
             boto3.client("s3", **anyone).create_bucket(Bucket=bucket)
             self._enable_auth()
             self.client = self.make_client(self.access_key, self.secret_key)
