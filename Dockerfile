@@ -6,10 +6,10 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 RUN python -m venv /opt/estat
-COPY setup.cfg setup.py pyproject.toml README.md ./
+COPY setup.cfg setup.py pyproject.toml README.md constraints.txt ./
 COPY estat ./estat
 COPY twisted ./twisted
-RUN /opt/estat/bin/pip install --no-cache-dir . \
+RUN /opt/estat/bin/pip install --no-cache-dir -c constraints.txt . \
  && /opt/estat/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 FROM ${PYTHON_IMAGE}

@@ -15,14 +15,14 @@ AWS_ACCOUNT_ID ?=
 ECR_REPO ?= estat
 ECR_REGISTRY = $(AWS_ACCOUNT_ID).dkr.ecr.$(AWS_REGION).amazonaws.com
 
-.PHONY: venv run-local test test-fast bench build push clean
+.PHONY: venv run-local test test-fast bench soak build push clean
 
-$(STAMP): setup.cfg setup.py pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# editable_mode=compat puts the checkout on sys.path, which is what
 	# lets twistd find twisted/plugins/estat_plugin.py in a dev install.
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,6 +36,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 build:
 	docker build -t $(IMAGE):$(TAG) .
