@@ -12,7 +12,19 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "SEED_METRIC_NAMES"]
+
+#: The original Go service's metric names, as exported: operators' contract.
+SEED_METRIC_NAMES = (
+    "http_requests_total",
+    "http_requests_accepted_total",
+    "http_requests_rejected_queue_full_total",
+    "s3_events_stored_total",
+    "s3_put_errors_total",
+    "dlq_events_enqueued_total",
+    "dlq_events_dropped_total",
+    "dlq_files_current",
+)
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
