@@ -33,6 +33,30 @@ __all__ = ["EstatRequest", "EstatSite", "HTTPListenerService"]
 _REASONS = {413: b"Payload Too Large"}
 
 
+def _answer_and_close(channel, status: bytes, body: bytes) -> None:
+    """
+    Answer on C{channel}'s transport directly, outside Twisted's request
+    machinery, and close: the write side at once, the socket a second
+    later, so that the client reads the answer rather than a reset.
+    """
+    transport = channel.transport
+    transport.write(
+        b"HTTP/1.1 %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, len(body), body))
+    channel.persistent = False
+    channel.pauseProducing()
+    try:
+        transport.loseWriteConnection()
+    except (AttributeError, NotImplementedError):
+        transport.loseConnection()
+    channel.callLater(1.0, transport.abortConnection)
+
+
+_TOO_SLOW = b'{"error":"request not received in time"}'
+
+
 class EstatRequest(Request):
     """
     A request whose body never grows past C{site.max_body_size}.
@@ -49,8 +73,10 @@ class EstatRequest(Request):
             # Headers and body must arrive within the deadline, however
             # slowly the bytes trickle in (the idle timeout resets on every
             # byte, so it alone would let a slowloris client hold a
-            # connection forever).
-            self._deadline = channel.callLater(timeout, self._too_slow)
+            # connection forever).  The clock started with the request's
+            # first byte (see EstatChannel.dataReceived).
+            remaining = channel.take_head_deadline(timeout)
+            self._deadline = channel.callLater(remaining, self._too_slow)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -61,19 +87,9 @@ class EstatRequest(Request):
         self._deadline = None
         if self._too_large:
             return
-        site = self.channel.site
-        site.on_timeout()
-        body = b'{"error":"request not received in time"}'
-        transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body))
+        self.channel.site.on_timeout()
         self._too_large = True  # ignore whatever else arrives
-        self.channel.persistent = False
-        transport.loseConnection()
-        self.channel.callLater(1.0, transport.abortConnection)
+        _answer_and_close(self.channel, b"408 Request Timeout", _TOO_SLOW)
 
     def connectionLost(self, reason) -> None:
         self._cancel_deadline()
@@ -105,24 +121,12 @@ class EstatRequest(Request):
         The write side is closed first and the socket a little later, so
         the client reads the answer instead of a reset.
         """
-        self._too_large = True
+        self._too_large = True  # nothing more of this request is processed
         site = self.channel.site
         site.on_too_large()
-        body = b'{"error":"request body too large","limit":%d}' % site.max_body_size
-        transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body))
-        self.channel.pauseProducing()
-        try:
-            transport.loseWriteConnection()
-        except (AttributeError, NotImplementedError):
-            transport.loseConnection()
-        self.channel.callLater(1.0, transport.abortConnection)
-        # Nothing more of this request is processed.
-        self.channel.persistent = False
+        _answer_and_close(
+            self.channel, b"413 Payload Too Large",
+            b'{"error":"request body too large","limit":%d}' % site.max_body_size)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._cancel_deadline()
@@ -146,11 +150,47 @@ class EstatChannel(HTTPChannel):
     can close it.
     """
 
+    _head_deadline = None
+    _refused = False
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        timeout = self.site.request_timeout
+        if timeout and self._head_deadline is None and not self.requests:
+            # A request begins: its first line and headers count against
+            # REQUEST_TIMEOUT too, before Twisted makes the request object.
+            self._head_deadline = self.callLater(timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def take_head_deadline(self, timeout: float) -> float:
+        """
+        The request object now exists: hand it what is left of the time
+        its first bytes started.
+        """
+        call, self._head_deadline = self._head_deadline, None
+        if call is None or not call.active():
+            return timeout
+        remaining = call.getTime() - self.site.reactor.seconds()
+        call.cancel()
+        return max(0.0, remaining)
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.requests:
+            return  # the request's own deadline governs
+        self._refused = True
+        self.site.on_timeout()
+        _answer_and_close(self, b"408 Request Timeout", _TOO_SLOW)
+
     def connectionLost(self, reason) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
         self.site.channels.discard(self)
         super().connectionLost(reason)
         self.site.channel_closed()
