@@ -83,21 +83,30 @@ def decode_content(body: bytes, encoding: bytes | None, cap: int) -> bytes:
     else:
         raise BodyRejected(415, "unsupported_encoding",
                            "unsupported Content-Encoding; use gzip, deflate or identity")
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        out = decompressor.decompress(body, cap + 1)
-        if len(out) > cap or decompressor.unconsumed_tail:
+    out = bytearray()
+    data = body
+    while True:
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            out += decompressor.decompress(data, cap + 1 - len(out))
+            if len(out) > cap or decompressor.unconsumed_tail:
+                raise BodyRejected(413, "too_large_decoded",
+                                   f"decompressed body is larger than {cap} bytes")
+            out += decompressor.flush()
+        except zlib.error:
+            raise BodyRejected(400, "bad_encoding", "body is not valid for its Content-Encoding") from None
+        if len(out) > cap:
             raise BodyRejected(413, "too_large_decoded",
                                f"decompressed body is larger than {cap} bytes")
-        out += decompressor.flush()
-    except zlib.error:
-        raise BodyRejected(400, "bad_encoding", "body is not valid for its Content-Encoding") from None
-    if len(out) > cap:
-        raise BodyRejected(413, "too_large_decoded",
-                           f"decompressed body is larger than {cap} bytes")
-    if not decompressor.eof:
-        raise BodyRejected(400, "bad_encoding", "compressed body is truncated")
-    return out
+        if not decompressor.eof:
+            raise BodyRejected(400, "bad_encoding", "compressed body is truncated")
+        data = decompressor.unused_data
+        if not data:
+            return bytes(out)
+        if wbits != 16 + zlib.MAX_WBITS:
+            # Only gzip has members; anything after a deflate stream is junk.
+            raise BodyRejected(400, "bad_encoding", "data after the end of the compressed body")
+        # Concatenated gzip members (cat a.gz b.gz) are one valid gzip body.
 
 
 def is_ndjson(content_type: bytes | None) -> bool:
