@@ -46,7 +46,7 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 
 
 def parse_duration(text: str) -> float:
@@ -73,15 +73,29 @@ def parse_duration(text: str) -> float:
     return total
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _int(text: str) -> int:
+    """
+    A plain decimal integer: ASCII digits only (int() alone would take
+    '16_384' or other scripts' digits).
+    """
+    text = text.strip()
+    if not _ASCII_INT.fullmatch(text):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text, 10)
+
+
 def _positive_int(text: str) -> int:
-    value = int(text.strip(), 10)
+    value = _int(text)
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text.strip(), 10)
+    value = _int(text)
     if value < 0:
         raise ValueError("must not be negative")
     return value
@@ -113,7 +127,7 @@ def _key_prefix(text: str) -> str:
 
 
 def _gzip_level(text: str) -> int:
-    value = int(text.strip(), 10)
+    value = _int(text)
     if not 1 <= value <= 9:
         raise ValueError("must be between 1 and 9")
     return value
