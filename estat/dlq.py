@@ -211,59 +211,90 @@ class DiskDeadLetterQueue(Service):
     _retrying: bool = attr.ib(default=False, init=False)
     _ready: Deferred | None = attr.ib(default=None, init=False)
     _last_name: int = attr.ib(default=0, init=False)
+    #: True until the start-up listing is counted; names written meanwhile.
+    _recovering: bool = attr.ib(default=True, init=False)
+    _early_writes: set = attr.ib(factory=set, init=False)
 
     # --- service ---
 
     def startService(self) -> None:
         super().startService()
         self._retrying = True
+        self._recovering = True
         self._delay = self.interval
         self._ready = self.run_in_thread(self._recover)
         self._ready.addCallbacks(self._recovered, self._recover_failed)
         self._pass = self._ready
 
-    def _recover(self) -> tuple[int, int, int]:
+    def _recover(self) -> tuple[dict, int]:
         """
         At start-up (in a thread): create the directory, remove temporary
-        files a crash left behind, and count what the last process left.
+        files a crash left behind, and list what the last process left.
         This is the only full listing of the directory.
         """
         os.makedirs(os.path.join(self.directory, QUARANTINE), exist_ok=True)
-        files = size = removed = 0
+        ours = f"{TEMP_PREFIX}{os.getpid()}-"
+        found = {}
+        removed = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
+                    if entry.name.startswith(ours):
+                        continue  # a write of ours, in progress right now
                     try:
                         os.unlink(entry.path)
                         removed += 1
                     except OSError:
                         pass
                 elif entry.name.endswith(SUFFIX) and entry.is_file():
-                    files += 1
-                    size += entry.stat().st_size
-        return files, size, removed
+                    try:
+                        found[entry.name] = entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+        return found, removed
 
     def _recovered(self, result) -> None:
-        files, size, removed = result
-        self.files += files
-        self.bytes += size
+        found, removed = result
+        # Files this process wrote while the listing ran are counted already.
+        old = {name: size for name, size in found.items() if name not in self._early_writes}
+        self._recovering = False
+        self._early_writes.clear()
+        self.files += len(old)
+        self.bytes += sum(old.values())
         self._update_gauges()
         if removed:
             self.log.warn("removed {count} unfinished dead-letter writes left by a crash",
                           count=removed)
-        if files:
+        if old:
             self.log.info("dead-letter queue {directory} holds {files} files ({bytes} bytes) "
                           "from before; retrying them", directory=self.directory,
-                          files=files, bytes=size)
+                          files=len(old), bytes=sum(old.values()))
         self._pass = None
-        self._schedule(0 if files else self.interval)
+        self._schedule(0 if self.files else self.interval)
 
     def _recover_failed(self, failure) -> None:
+        self._recovering = False
+        self._early_writes.clear()
         self._pass = None
         self.metrics.loop_errors.labels("dlq").inc()
         self.log.failure("could not open the dead-letter queue {directory}", failure,
                          directory=self.directory)
         self._schedule(self.interval)
+
+    def store_is_back(self) -> None:
+        """
+        The store has just taken an upload.  If the retry loop is backing
+        off after an outage, end the wait now (and forget the files' own
+        waits) rather than up to a minute later.
+        """
+        if not self._retrying or self._delay <= self.interval:
+            return
+        self.log.info("the store is taking uploads again; retrying the dead-letter queue now")
+        self._delay = self.interval
+        self._retry_at.clear()
+        self._retry_delay.clear()
+        if self._next is not None and self._next.active():
+            self._next.reset(0)
 
     def stop_retrying(self) -> Deferred:
         """
@@ -334,6 +365,8 @@ class DiskDeadLetterQueue(Service):
         return result
 
     def _written(self, _, obj: EncodedObject, name: str, size: int) -> bool:
+        if self._recovering:
+            self._early_writes.add(name)
         self._reserved -= size
         self.files += 1
         self.bytes += size

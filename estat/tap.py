@@ -112,6 +112,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         gzip_level=config.gzip_level,
     )
     dead_letters.deliver = lambda obj: Deferred.fromCoroutine(uploader.put_with_retries(obj, 0))
+    uploader.on_stored = dead_letters.store_is_back
 
     queue = EventQueue(config.channel_size)
     metrics.event_queue_capacity.set(config.channel_size)

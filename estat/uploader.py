@@ -64,6 +64,8 @@ class Uploader:
     backoff_base: float = attr.ib(default=0.2)
     backoff_cap: float = attr.ib(default=5.0)
     rand: Callable[[], float] = attr.ib(default=random.random)
+    #: Called after every successful put (the DLQ ends its backoff).
+    on_stored: Callable[[], None] = attr.ib(default=lambda: None)
 
     _hurrying: bool = attr.ib(default=False, init=False)
     _sleeps: dict = attr.ib(factory=dict, init=False)
@@ -155,6 +157,7 @@ class Uploader:
                 self.metrics.s3_events_stored.inc(obj.count)
                 self.metrics.batches_stored.inc()
             self.log.info("stored {key} ({count} events)", key=obj.key, count=obj.count)
+            self.on_stored()
             return True
 
     def _sleep(self, delay: float) -> Deferred:
