@@ -255,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("S3_ADDRESSING_STYLE", "auto", _addressing_style, "S3 addressing: auto, path or virtual"),
     Setting("SHUTDOWN_TIMEOUT", "25s", _positive_duration, "deadline for a graceful shutdown (keep it below ECS's stopTimeout)"),
     Setting("TRUSTED_PROXIES", "", _cidr_list, "CIDRs whose X-Forwarded-For is believed (e.g. the ALB subnets)"),
-    Setting("MAX_PENDING_BATCHES", "2", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
+    Setting("MAX_PENDING_BATCHES", "4", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
     Setting("GZIP_LEVEL", "6", _gzip_level, "gzip compression level of stored objects"),
     Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
     Setting("MAX_BATCH_BODY_SIZE", "524288", _positive_int, "largest body of a batch request (JSON array or NDJSON), bytes, also after decompression"),
