@@ -31,7 +31,9 @@ from typing import Callable, Iterable
 __all__ = [
     "BUCKET",
     "LOOPBACK",
+    "TWISTD",
     "EstatProcess",
+    "EstatProcesses",
     "FaultProxy",
     "MotoServer",
     "ProxiedRequest",
@@ -39,8 +41,10 @@ __all__ = [
     "decode_jsonl_gz",
     "free_port",
     "parse_metrics",
+    "stop_process",
     "stored_events_local",
     "stored_objects_local",
+    "temp_dir",
     "wait_until",
 ]
 
@@ -73,6 +77,17 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             text = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout}s waiting for {text}")
         time.sleep(interval)
+
+
+def temp_dir(case, prefix: str = "estat-test-") -> str:
+    """
+    A new empty directory, removed after the test C{case} (a trial
+    C{TestCase}).  (Not C{case.mktemp()}: under pytest it would write into
+    the checkout.)
+    """
+    path = tempfile.mkdtemp(prefix=prefix)
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def content_md5(data: bytes) -> str:
@@ -112,9 +127,10 @@ def stored_objects_local(directory: str) -> dict:
     return objects
 
 
-def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     """
-    End C{proc} by its PID: SIGTERM, a bounded wait, then SIGKILL.
+    End C{proc} by its PID: SIGTERM, a bounded wait, then SIGKILL; return
+    its exit status.
     """
     if proc.poll() is not None:
         return proc.returncode
@@ -132,6 +148,9 @@ def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
         return proc.wait(timeout)
 
 
+_stop_process = stop_process
+
+
 def _tail(path: str, lines: int = 40) -> str:
     try:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
@@ -140,14 +159,21 @@ def _tail(path: str, lines: int = 40) -> str:
         return f"(no log: {e})"
 
 
-def _http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def _http_get_with_headers(port: int, path: str,
+                           timeout: float = 2.0) -> tuple[int, dict, bytes]:
+    # http.client, not urllib: no proxy from the environment in the way.
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def _http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    status, _, body = _http_get_with_headers(port, path, timeout)
+    return status, body
 
 
 # --- moto ------------------------------------------------------------------
@@ -609,8 +635,12 @@ class FaultProxy:
 # --- the Estat process -----------------------------------------------------
 
 
+#: The C{twistd} of the Python running the tests.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
 def _twistd() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "twistd")
+    return TWISTD
 
 
 #: Environment variables Estat reads; the parent's values never leak in.
@@ -684,6 +714,13 @@ class EstatProcess:
     def store_dir(self) -> str:
         return self.env["LOCAL_STORE_DIR"]
 
+    @property
+    def url(self) -> str:
+        """
+        C{http://127.0.0.1:PORT}, without a trailing slash.
+        """
+        return f"http://{LOOPBACK}:{self.port}"
+
     def log(self) -> str:
         with open(self.log_path, "r", encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -749,6 +786,13 @@ class EstatProcess:
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return _http_get(self.port, path, timeout)
 
+    def get_with_headers(self, path: str, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+        """
+        C{GET path} on a new connection; return (status, C{{header: value}}
+        as sent, body).
+        """
+        return _http_get_with_headers(self.port, path, timeout)
+
     def metrics(self, timeout: float = 5.0) -> dict:
         status, body = self.get("/metrics", timeout)
         if status != 200:
@@ -790,3 +834,30 @@ class EstatProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class EstatProcesses:
+    """
+    The Estat processes of one test, each in its own new directory
+    C{estat-N} under C{base}.  L{stop_all} ends every one started.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.started: list = []
+
+    def start(self, env: dict | None = None, ready: bool = True) -> EstatProcess:
+        """
+        Start one process; wait until it is ready unless C{ready} is false.
+        """
+        directory = os.path.join(self.base, f"estat-{len(self.started)}")
+        os.mkdir(directory)
+        estat = EstatProcess(env, directory=directory)
+        self.started.append(estat)
+        if ready:
+            estat.wait_ready()
+        return estat
+
+    def stop_all(self) -> None:
+        for estat in self.started:
+            estat.stop()

@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -38,8 +37,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from estat.config import SETTINGS, SETTINGS_BY_ENV, load_config, parse_duration
-from estat.metrics import Metrics
-from estat.test.harness import LOOPBACK, EstatProcess, free_port, wait_until
+from estat.metrics import SEED_METRIC_NAMES, Metrics
+from estat.test.harness import LOOPBACK, EstatProcess, free_port, stop_process, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -52,18 +51,6 @@ TASK_DEFINITION = os.path.join(DEPLOY, "ecs-task-definition.json")
 IAM_POLICY = os.path.join(DEPLOY, "iam-task-policy.json")
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 README = os.path.join(ROOT, "README.md")
-
-#: The original service's eight metric names (README, "Metrics").
-SEED_METRICS = (
-    "http_requests_total",
-    "http_requests_accepted_total",
-    "http_requests_rejected_queue_full_total",
-    "s3_events_stored_total",
-    "s3_put_errors_total",
-    "dlq_events_enqueued_total",
-    "dlq_events_dropped_total",
-    "dlq_files_current",
-)
 
 GIB = 2 ** 30
 
@@ -94,7 +81,7 @@ def exported_sample_names() -> set:
     """
     metrics = Metrics(CollectorRegistry(auto_describe=True))
     wrappers = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
-    assert len(wrappers) >= len(SEED_METRICS)
+    assert len(wrappers) >= len(SEED_METRIC_NAMES)
     for metric in wrappers:
         labelnames = metric._labelnames
         child = metric.labels(*["dummy"] * len(labelnames)) if labelnames else metric
@@ -219,7 +206,7 @@ class TestPromqlMetricNames:
 
     def test_exported_names_include_every_kind(self):
         exported = exported_sample_names()
-        for name in SEED_METRICS + (
+        for name in SEED_METRIC_NAMES + (
                 "http_request_duration_seconds_bucket", "http_request_duration_seconds_count",
                 "s3_put_duration_seconds_sum", "s3_put_errors_by_code_total",
                 "events_dropped_total", "loop_errors_total", "dlq_bytes_current", "up"):
@@ -356,17 +343,6 @@ class TestPromtool:
 # --- a real Prometheus scraping a real estat ----------------------------------
 
 
-def _stop_by_pid(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
-
-
 def _prometheus_api(port: int, path: str, **params) -> dict:
     url = f"http://{LOOPBACK}:{port}{path}"
     if params:
@@ -453,10 +429,10 @@ def test_real_prometheus_scrapes_real_estat(tmp_path):
             result = answer["data"]["result"]
             return float(result[0]["value"][1]) if result else None
 
-        missing = list(SEED_METRICS)
+        missing = list(SEED_METRIC_NAMES)
 
         def all_seed_metrics_present():
-            missing[:] = [m for m in SEED_METRICS
+            missing[:] = [m for m in SEED_METRIC_NAMES
                           if value(f'{m}{{job="estat"}}') is None]
             return not missing
 
@@ -489,7 +465,7 @@ def test_real_prometheus_scrapes_real_estat(tmp_path):
             assert answer["status"] == "success", (expr, answer)
     finally:
         if server is not None:
-            _stop_by_pid(server)
+            stop_process(server, 15)
         if log is not None:
             log.close()
         estat.stop()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
@@ -24,6 +22,7 @@ from estat.encoder import EncodedObject, encode_object
 from estat.fsutil import TEMP_PREFIX
 from estat.interfaces import IDeadLetterQueue
 from estat.metrics import Metrics
+from estat.test.harness import temp_dir
 from estat.testing import (
     DeferredThreadRunner,
     MemoryDeadLetterQueue,
@@ -42,16 +41,6 @@ def make_object(name: str, count: int = 2, poison: bool = False) -> EncodedObjec
     key = f"raw/dt=2023-11-14/hour=22/{name}.jsonl.gz"
     return encode_object(key, [b'{"n":%d,"of":"%s"}' % (i, name.encode()) for i in range(count)],
                          6, poison=poison)
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """
-    A new empty directory, removed after the test.  (Not C{case.mktemp()}:
-    under pytest it would write into the checkout.)
-    """
-    path = tempfile.mkdtemp(prefix="estat-test-dlq-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 class Deliveries:
@@ -745,3 +734,79 @@ class RetryLoopTests(DiskQueueMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
         self.successResultOf(self.queue.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StoreIsBackTests(SynchronousTestCase):
+    """
+    After an outage the retry loop backs off; the first successful live
+    upload ends the wait at once.
+    """
+
+    def test_live_success_ends_the_backoff(self):
+        from prometheus_client import CollectorRegistry
+        from twisted.internet.defer import succeed
+        from twisted.internet.task import Clock
+
+        from estat.dlq import DiskDeadLetterQueue
+        from estat.encoder import encode_object
+        from estat.metrics import Metrics
+        from estat.testing import run_synchronously
+
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="estat-dlq-back-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        accept = [False]
+        tried = []
+
+        def deliver(obj):
+            tried.append(obj.key)
+            return succeed(accept[0])
+
+        dlq = DiskDeadLetterQueue(directory=directory, metrics=Metrics(CollectorRegistry()),
+                                  clock=clock, run_in_thread=run_synchronously,
+                                  deliver=deliver, interval=5.0, max_backoff=60.0)
+        for i in range(3):
+            self.assertTrue(self.successResultOf(
+                dlq.put(encode_object(f"raw/k{i}.jsonl.gz", [b'{"a":1}'], 6))))
+            clock.advance(1)
+        dlq.startService()
+        self.addCleanup(dlq.stopService)
+        # Outage: passes fail and the wait between them grows.
+        for _ in range(6):
+            clock.advance(60)
+        self.assertGreater(dlq._delay, dlq.interval)
+        attempts = len(tried)
+        # A live upload succeeds: the loop runs now, without waiting.
+        accept[0] = True
+        dlq.store_is_back()
+        clock.advance(0)
+        self.assertGreater(len(tried), attempts)
+        self.assertEqual(dlq.files, 0)
+        self.assertEqual(dlq._delay, dlq.interval)
+
+    def test_no_effect_when_not_backing_off(self):
+        from prometheus_client import CollectorRegistry
+        from twisted.internet.task import Clock
+
+        from estat.dlq import DiskDeadLetterQueue
+        from estat.metrics import Metrics
+        from estat.testing import run_synchronously
+
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="estat-dlq-back-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        clock = Clock()
+        dlq = DiskDeadLetterQueue(directory=directory, metrics=Metrics(CollectorRegistry()),
+                                  clock=clock, run_in_thread=run_synchronously,
+                                  deliver=lambda obj: None, interval=5.0)
+        dlq.startService()
+        self.addCleanup(dlq.stopService)
+        before = [c.getTime() for c in clock.getDelayedCalls()]
+        dlq.store_is_back()
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], before)

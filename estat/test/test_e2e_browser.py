@@ -13,15 +13,11 @@ and every wait is bounded.
 
 from __future__ import annotations
 
-import gzip
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,19 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from estat.config import SETTINGS
+from estat.test.harness import LOOPBACK, EstatProcess, stored_events_local, wait_until
 
 pytestmark = pytest.mark.e2e
 
-LOOPBACK = "127.0.0.1"
 WRITE_KEY = "browser-key"
 INSTALL_LOG = "/tmp/chromium-install.log"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def find_chromium(wait: float = 300.0) -> str | None:
@@ -61,110 +50,6 @@ def find_chromium(wait: float = 300.0) -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    # http.client, not urllib: no proxy from the environment in the way.
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-class EstatServer:
-    """
-    A real C{twistd -n --pidfile= estat} in a temporary directory.
-    """
-
-    def __init__(self, directory: str, env: dict) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.store_dir = os.path.join(directory, "data")
-        self.log_path = os.path.join(directory, "estat.log")
-        # Nothing of the parent's Estat or AWS settings leaks in.
-        names = {s.env for s in SETTINGS} | {"ENV_FILE"}
-        base = {k: v for k, v in os.environ.items()
-                if k not in names and not k.startswith("AWS_")}
-        base.update({
-            "HTTP_ADDR": f"{LOOPBACK}:{self.port}",
-            "LOCAL_STORE_DIR": self.store_dir,
-            "DLQ_DIR": os.path.join(directory, "dlq"),
-            "FLUSH_INTERVAL": "1s",
-            "INSTANCE_ID": "e2e",
-            "PYTHONUNBUFFERED": "1",
-        })
-        base.update(env)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "estat"], cwd=directory, env=base,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log_tail(self, lines: int = 40) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"estat exited ({self.proc.returncode}) before it was "
-                                     f"ready:\n{self.log_tail()}")
-            try:
-                if http_get(self.port, "/readyz", 1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"estat not ready within {timeout}s:\n{self.log_tail()}")
-
-    def metric(self, name: str) -> float:
-        status, body = http_get(self.port, "/metrics")
-        assert status == 200, body
-        for line in body.decode("utf-8").splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """
-        SIGTERM (a graceful shutdown that stores what is queued) and a
-        bounded wait for the exit status.
-        """
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"estat did not exit within {timeout}s of SIGTERM:\n"
-                                 f"{self.log_tail()}") from None
-
-    def stop(self) -> None:
-        """
-        For clean-ups: end the process whatever its state.
-        """
-        try:
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(15)
-        finally:
-            self._log.close()
-
-    def stored_events(self) -> list:
-        events = []
-        for root, _, files in os.walk(self.store_dir):
-            for name in sorted(files):
-                if name.endswith(".jsonl.gz"):
-                    with open(os.path.join(root, name), "rb") as f:
-                        text = gzip.decompress(f.read()).decode("utf-8")
-                    events.extend(json.loads(line) for line in text.splitlines() if line)
-        return events
 
 
 PAGE = """<!doctype html>
@@ -279,12 +164,13 @@ def test_fetch_and_send_beacon_from_another_origin(workdir):
     page = PageServer()
     server = None
     try:
-        server = EstatServer(workdir, {
+        server = EstatProcess({
+            "FLUSH_INTERVAL": "1s",
             "CORS_ALLOWED_ORIGINS": page.origin,
             "WRITE_KEYS": WRITE_KEY,
-        })
+        }, directory=workdir)
         server.wait_ready()
-        collect = f"http://{LOOPBACK}:{server.port}/collect"
+        collect = server.url + "/collect"
         page.html = PAGE % {"collect": json.dumps(collect), "key": json.dumps(WRITE_KEY),
                             "fetch_id": json.dumps(fetch_id),
                             "beacon_id": json.dumps(beacon_id)}
@@ -300,14 +186,14 @@ def test_fetch_and_send_beacon_from_another_origin(workdir):
 
         # sendBeacon is fire-and-forget: wait (bounded) until Estat has
         # accepted both before stopping it.
-        deadline = time.monotonic() + 15
-        while server.metric("events_accepted_total") < 2:
-            assert time.monotonic() < deadline, "beacon never arrived:\n" + diagnostics
-            time.sleep(0.1)
+        wait_until(lambda: server.metric("events_accepted_total") >= 2, 15, 0.1,
+                   lambda: "the beacon to arrive (events_accepted_total >= 2):\n" + diagnostics)
         assert server.metric("events_accepted_total") == 2, diagnostics
 
-        exit_code = server.terminate()
-        stored = {e.get("id"): e for e in server.stored_events()}
+        # SIGTERM: a graceful shutdown that stores what is queued.
+        server.terminate()
+        exit_code = server.wait(30)
+        stored = {e.get("id"): e for e in stored_events_local(server.store_dir)}
         assert fetch_id in stored, f"fetch event not stored; stored ids: {sorted(stored)}"
         assert beacon_id in stored, f"beacon event not stored; stored ids: {sorted(stored)}"
         assert stored[fetch_id]["via"] == "fetch"

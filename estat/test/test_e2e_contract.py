@@ -14,16 +14,7 @@ Every process started here is ended by its PID, and every wait is bounded.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
 import schemathesis
@@ -31,12 +22,10 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from estat.config import SETTINGS
 from estat.openapi import openapi_document
+from estat.test.harness import EstatProcess
 
 pytestmark = pytest.mark.e2e
-
-LOOPBACK = "127.0.0.1"
 
 DOCUMENT = openapi_document()
 # An explicit configuration, so that no schemathesis.toml found on disk
@@ -77,95 +66,15 @@ schemathesis.serializer.alias("application/x-ndjson", "text/plain")
 STRING_BODIES = ("text/plain", "application/x-ndjson")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, dict, bytes]:
-    # http.client, not urllib: no proxy from the environment in the way.
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-class EstatServer:
-    """
-    A real C{twistd -n --pidfile= estat} in a temporary directory.
-    """
-
-    def __init__(self, directory: str, env: dict) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.log_path = os.path.join(directory, "estat.log")
-        names = {s.env for s in SETTINGS} | {"ENV_FILE"}
-        base = {k: v for k, v in os.environ.items()
-                if k not in names and not k.startswith("AWS_")}
-        base.update({
-            "HTTP_ADDR": f"{LOOPBACK}:{self.port}",
-            "LOCAL_STORE_DIR": os.path.join(directory, "data"),
-            "DLQ_DIR": os.path.join(directory, "dlq"),
-            "FLUSH_INTERVAL": "1s",
-            "INSTANCE_ID": "e2e",
-            "PYTHONUNBUFFERED": "1",
-        })
-        base.update(env)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "estat"], cwd=directory, env=base,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"estat exited ({self.proc.returncode}) before it was "
-                                     f"ready:\n{self.log()[-4000:]}")
-            try:
-                if http_get(self.port, "/readyz", 1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"estat not ready within {timeout}s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(15)
-        finally:
-            self._log.close()
-
-
 @pytest.fixture(scope="module")
 def estat():
-    directory = tempfile.mkdtemp(prefix="estat-contract-")
-    server = EstatServer(directory, {"CORS_ALLOWED_ORIGINS": "*", "WRITE_KEYS": ""})
+    server = EstatProcess({"FLUSH_INTERVAL": "1s", "CORS_ALLOWED_ORIGINS": "*",
+                           "WRITE_KEYS": ""})
     try:
         server.wait_ready()
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        server.cleanup()
 
 
 def test_serves_the_tested_document(estat):
@@ -173,7 +82,7 @@ def test_serves_the_tested_document(estat):
     C{GET /openapi.json} is the document the contract test is generated
     from, as JSON.
     """
-    status, headers, body = http_get(estat.port, "/openapi.json")
+    status, headers, body = estat.get_with_headers("/openapi.json")
     assert status == 200
     assert headers.get("Content-Type") == "application/json"
     assert json.loads(body) == json.loads(json.dumps(DOCUMENT))
@@ -204,7 +113,7 @@ def test_server_never_failed(estat):
     unhandled error (a failure need not surface as a 5xx to be a bug).
     """
     assert estat.proc.poll() is None, estat.log()[-4000:]
-    assert http_get(estat.port, "/readyz")[0] == 200
+    assert estat.get("/readyz")[0] == 200
     log = estat.log()
     for marker in ("Traceback", "Unhandled Error", "Unhandled error"):
         assert marker not in log, log[-8000:]

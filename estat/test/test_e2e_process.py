@@ -17,15 +17,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 
 import pytest
 
 from estat.config import SETTINGS
+from estat.metrics import SEED_METRIC_NAMES
 from estat.test.harness import (
-    EstatProcess,
     LOOPBACK,
+    TWISTD,
+    EstatProcess,
+    EstatProcesses,
     stored_events_local,
     stored_objects_local,
     wait_until,
@@ -34,7 +36,6 @@ from estat.test.harness import (
 pytestmark = pytest.mark.e2e
 
 USER_AGENT = "estat-e2e/1"
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
 @pytest.fixture
@@ -43,20 +44,9 @@ def start_estat(tmp_path):
     C{start_estat(env) -> EstatProcess}, ready; every process started is
     ended after the test.
     """
-    started = []
-
-    def start(env: dict, ready: bool = True) -> EstatProcess:
-        directory = tmp_path / f"estat-{len(started)}"
-        directory.mkdir()
-        estat = EstatProcess(env, directory=str(directory))
-        started.append(estat)
-        if ready:
-            estat.wait_ready()
-        return estat
-
-    yield start
-    for estat in started:
-        estat.stop()
+    processes = EstatProcesses(str(tmp_path))
+    yield processes.start
+    processes.stop_all()
 
 
 def assert_server_fields(event: dict) -> None:
@@ -256,22 +246,10 @@ def test_readyz_is_503_during_shutdown(start_estat):
     assert estat.wait(30) == 0
 
 
-SEED_METRICS = (
-    "http_requests_total",
-    "http_requests_accepted_total",
-    "http_requests_rejected_queue_full_total",
-    "s3_events_stored_total",
-    "s3_put_errors_total",
-    "dlq_events_enqueued_total",
-    "dlq_events_dropped_total",
-    "dlq_files_current",
-)
-
-
 def test_metrics_expose_the_seed_names_with_true_counts(start_estat):
     estat = start_estat({"BATCH_SIZE": "50", "FLUSH_INTERVAL": "1s"})
     before = estat.metrics()
-    for name in SEED_METRICS:
+    for name in SEED_METRIC_NAMES:
         assert name in before, name
         assert before[name] == 0, (name, before[name])
 
@@ -310,7 +288,7 @@ def test_metrics_expose_the_seed_names_with_true_counts(start_estat):
 
     status, page = estat.get("/metrics")
     text = page.decode("utf-8")
-    for name in SEED_METRICS:
+    for name in SEED_METRIC_NAMES:
         kind = "gauge" if name == "dlq_files_current" else "counter"
         assert f"# TYPE {name} {kind}" in text, name
 

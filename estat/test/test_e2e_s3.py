@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import datetime
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from estat.test.harness import (
     BUCKET,
     LOOPBACK,
     EstatProcess,
+    EstatProcesses,
     FaultProxy,
     MotoServer,
     content_md5,
@@ -82,7 +82,7 @@ def start_estat(moto, proxy, tmp_path, request):
     """
     prefix = f"e2e-{re.sub(r'[^a-z0-9]+', '-', request.node.name.lower()).strip('-')}-" \
              f"{uuid.uuid4().hex[:8]}"
-    started = []
+    processes = EstatProcesses(str(tmp_path))
 
     def start(**overrides) -> EstatProcess:
         env = {
@@ -101,19 +101,14 @@ def start_estat(moto, proxy, tmp_path, request):
             "SHUTDOWN_TIMEOUT": f"{SHUTDOWN_TIMEOUT}s",
         }
         env.update(overrides)
-        directory = tmp_path / f"estat-{len(started)}"
-        directory.mkdir()
-        estat = EstatProcess(env, directory=str(directory))
-        started.append(estat)
-        estat.wait_ready()
+        estat = processes.start(env)
         # The start-up HeadBucket must not meet a fault set by the test.
         estat.wait_log("store check")
         return estat
 
     start.prefix = prefix
     yield start
-    for estat in started:
-        estat.stop()
+    processes.stop_all()
 
 
 def post_events(estat: EstatProcess, events: list) -> list:
@@ -151,14 +146,8 @@ def assert_healthz_responsive(estat: EstatProcess) -> None:
     blocked by whatever S3 is doing.
     """
     started = time.monotonic()
-    conn = http.client.HTTPConnection(LOOPBACK, estat.port, timeout=1.0)
-    try:
-        conn.request("GET", "/healthz")
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    assert response.status == 200, body
+    status, body = estat.get("/healthz", timeout=1.0)
+    assert status == 200, body
     assert time.monotonic() - started < 1.0
 
 

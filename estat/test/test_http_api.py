@@ -15,24 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
 from estat.http_api import IngestAPI, Readiness
-from estat.metrics import Metrics
+from estat.metrics import SEED_METRIC_NAMES, Metrics
 from estat.queue import EventQueue
 
 #: 2023-11-14T22:13:20.250Z
 NOW = 1700000000.25
 URL = "http://estat.example/"
-
-SEED_METRICS = [
-    "http_requests_total",
-    "http_requests_accepted_total",
-    "http_requests_rejected_queue_full_total",
-    "s3_events_stored_total",
-    "s3_put_errors_total",
-    "dlq_events_enqueued_total",
-    "dlq_events_dropped_total",
-    "dlq_files_current",
-]
-
 
 class APITestsMixin:
     def make_api(self, queue_size=10, trusted=()):
@@ -384,7 +372,7 @@ class OtherRoutesTests(APITestsMixin, SynchronousTestCase):
         text = content.decode("utf-8")
         names = {ln.split("{")[0].split(" ")[0]
                  for ln in text.splitlines() if ln and not ln.startswith("#")}
-        for name in SEED_METRICS:
+        for name in SEED_METRIC_NAMES:
             self.assertIn(name, names)
         self.assertIn("http_requests_accepted_total 1.0", text.splitlines())
 

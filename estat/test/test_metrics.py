@@ -9,19 +9,18 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from estat.metrics import CONTENT_TYPE_LATEST, Metrics
+from estat.metrics import CONTENT_TYPE_LATEST, SEED_METRIC_NAMES, Metrics
 
-#: The seed's section 5: exported name -> (attribute, type).
-SEED_METRICS = {
-    "http_requests_total": ("http_requests", "counter"),
-    "http_requests_accepted_total": ("http_requests_accepted", "counter"),
-    "http_requests_rejected_queue_full_total": ("http_requests_rejected_queue_full", "counter"),
-    "s3_events_stored_total": ("s3_events_stored", "counter"),
-    "s3_put_errors_total": ("s3_put_errors", "counter"),
-    "dlq_events_enqueued_total": ("dlq_events_enqueued", "counter"),
-    "dlq_events_dropped_total": ("dlq_events_dropped", "counter"),
-    "dlq_files_current": ("dlq_files_current", "gauge"),
-}
+
+def seed_metric(name: str) -> tuple:
+    """
+    The L{Metrics} attribute behind a seed name and the name's type: a
+    counter's attribute is its name without C{_total} (prometheus-client
+    adds it); C{dlq_files_current}, the one name without it, is a gauge.
+    """
+    if name.endswith("_total"):
+        return name[:-len("_total")], "counter"
+    return name, "gauge"
 
 
 def samples(metrics: Metrics) -> dict:
@@ -43,13 +42,32 @@ def exposed_lines(metrics: Metrics) -> list:
 
 
 class SeedMetricsTests(SynchronousTestCase):
+    def test_seedMetricNames(self) -> None:
+        """
+        L{SEED_METRIC_NAMES} is the seed's section 5, to the letter and in
+        its order: the operators' contract, written out here once.
+        """
+        self.assertEqual(SEED_METRIC_NAMES, (
+            "http_requests_total",
+            "http_requests_accepted_total",
+            "http_requests_rejected_queue_full_total",
+            "s3_events_stored_total",
+            "s3_put_errors_total",
+            "dlq_events_enqueued_total",
+            "dlq_events_dropped_total",
+            "dlq_files_current",
+        ))
+        self.assertEqual([seed_metric(name)[1] for name in SEED_METRIC_NAMES],
+                         ["counter"] * 7 + ["gauge"])
+
     def test_seedNamesExported(self) -> None:
         """
         Each of the eight names is a sample of the exposition, exactly as the
         seed spells it, with the seed's type and a zero start.
         """
         exported = samples(Metrics(CollectorRegistry()))
-        for name, (_attribute, kind) in SEED_METRICS.items():
+        for name in SEED_METRIC_NAMES:
+            _attribute, kind = seed_metric(name)
             self.assertIn(name, exported)
             self.assertEqual(exported[name], (kind, 0.0), name)
 
@@ -57,7 +75,7 @@ class SeedMetricsTests(SynchronousTestCase):
         metrics = Metrics(CollectorRegistry())
         text = metrics.exposition().decode("utf-8")
         lines = exposed_lines(metrics)
-        for name in SEED_METRICS:
+        for name in SEED_METRIC_NAMES:
             self.assertIn(name + " 0.0", lines)
             self.assertIn("# TYPE " + name + " ", text)
 
@@ -65,7 +83,8 @@ class SeedMetricsTests(SynchronousTestCase):
         """
         Each seed metric moves when, and only when, its attribute does.
         """
-        for name, (attribute, kind) in SEED_METRICS.items():
+        for name in SEED_METRIC_NAMES:
+            attribute, kind = seed_metric(name)
             registry = CollectorRegistry()
             metrics = Metrics(registry)
             if kind == "counter":
@@ -73,7 +92,7 @@ class SeedMetricsTests(SynchronousTestCase):
             else:
                 getattr(metrics, attribute).set(3)
             self.assertEqual(registry.get_sample_value(name), 3.0, name)
-            for other in SEED_METRICS:
+            for other in SEED_METRIC_NAMES:
                 if other != name:
                     self.assertEqual(registry.get_sample_value(other), 0.0,
                                      f"{attribute} moved {other}")
@@ -83,7 +102,7 @@ class SeedMetricsTests(SynchronousTestCase):
         No namespace or prefix is put in front of the seed's names.
         """
         lines = exposed_lines(Metrics(CollectorRegistry()))
-        for name in SEED_METRICS:
+        for name in SEED_METRIC_NAMES:
             matching = [line for line in lines if line.split(" ")[0].endswith(name)]
             self.assertEqual([line.split(" ")[0] for line in matching], [name])
 
@@ -149,5 +168,5 @@ class RegistryTests(SynchronousTestCase):
         metrics.http_requests.inc()
         metrics.dlq_files_current.set(4)
         self.assertEqual(global_names(), before)
-        for name in SEED_METRICS:
+        for name in SEED_METRIC_NAMES:
             self.assertIsNone(REGISTRY.get_sample_value(name), name)

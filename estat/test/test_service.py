@@ -8,8 +8,6 @@ synchronous thread runner, and a stand-in for the HTTP listener).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
@@ -26,6 +24,7 @@ from estat.keys import KeyMaker
 from estat.metrics import Metrics
 from estat.queue import EventQueue
 from estat.service import EstatService, hurry_delay
+from estat.test.harness import temp_dir
 from estat.testing import DeferredThreadRunner, MemoryObjectStore, read_lines, run_synchronously
 from estat.uploader import Uploader
 
@@ -67,9 +66,7 @@ class ServiceTestsMixin:
         self.metrics = Metrics(CollectorRegistry())
         self.queue = EventQueue(100)
         self.store = MemoryObjectStore(failures=list(failures))
-        # Not self.mktemp(): under pytest it would write into the checkout.
-        base = tempfile.mkdtemp(prefix="estat-test-service-")
-        self.addCleanup(shutil.rmtree, base, True)
+        base = temp_dir(self)
         self.dlq_dir = os.path.join(base, "dlq")
         self.dead_letters = DiskDeadLetterQueue(
             directory=self.dlq_dir,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
-import tempfile
 from urllib.parse import unquote
 
 from botocore.credentials import Credentials
@@ -27,6 +25,7 @@ from estat.fsutil import TEMP_PREFIX
 from estat.interfaces import IObjectStore, StoreError
 from estat.store.local import LocalDirectoryStore
 from estat.store.s3 import S3Store
+from estat.test.harness import temp_dir
 from estat.testing import DeferredThreadRunner, MemoryObjectStore, run_synchronously
 
 KEY = "raw/dt=2023-11-14/hour=22/test-1-20231114T221320000Z-00.jsonl.gz"
@@ -41,16 +40,6 @@ ENDPOINT = "http://s3.fake.test:9000"
 
 def body(n: int = 0) -> bytes:
     return gzip.compress(b'{"n":%d}\n{"n":%d}\n' % (n, n + 1), mtime=0)
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """
-    A new empty directory, removed after the test.  (Not C{case.mktemp()}:
-    under pytest it would write into the checkout.)
-    """
-    path = tempfile.mkdtemp(prefix="estat-test-stores-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def files_under(root: str) -> dict[str, bytes]:
