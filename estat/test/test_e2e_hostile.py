@@ -725,9 +725,12 @@ def test_connections_beyond_max_connections_are_closed_at_once(target):
         burst = opened_at[MAX_CONNECTIONS + extra - 1] - opened_at[0]
         closed = poll_closed(socks, 1.0)
         refused = {i for i, at in closed.items() if at - opened_at[i] < 1.5}
+        # Which sockets are refused depends on the order the kernel hands
+        # connections to the server (a burst overflows the listen backlog
+        # and some connect late), not on the order they were opened: count
+        # them, do not name them.
         if burst < HTTP_IDLE_TIMEOUT - 1.0:
-            assert refused == set(range(MAX_CONNECTIONS, MAX_CONNECTIONS + extra)), (
-                sorted(refused), burst)
+            assert len(refused) == extra, (sorted(refused), burst)
             assert len(closed) == extra, sorted(closed)
         else:
             # A slow burst: some held ones may already have idled out.
@@ -738,7 +741,10 @@ def test_connections_beyond_max_connections_are_closed_at_once(target):
         assert set(idled) == set(held), f"{len(held) - len(idled)} idle sockets never closed"
         for i, at in idled.items():
             idle = at - opened_at[i]
-            assert HTTP_IDLE_TIMEOUT - 0.5 <= idle <= HTTP_IDLE_TIMEOUT + 2.5, (i, idle)
+            # Measured from the client's connect; the server's clock starts
+            # when it accepts, which a backlog overflow can delay by a SYN
+            # retry (1 s, then 3 s).
+            assert HTTP_IDLE_TIMEOUT - 0.5 <= idle <= HTTP_IDLE_TIMEOUT + 4.5, (i, idle)
     finally:
         for sock in socks.values():
             sock.close()
