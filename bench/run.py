@@ -353,9 +353,12 @@ def main() -> int:
         directory = tempfile.mkdtemp(dir=work)
         server = start_estat(directory, {"RAW_PREFIX": "raw-half"})
         interval_ms = 64 * 1000 / (single_max / 2)
-        runs = [measure(server, scripts["rate"], args.duration, 1,
-                        env={"BENCH_INTERVAL_MS": f"{interval_ms:.3f}"})]
-        say(f"   {runs[0]['rps']:,.0f} req/s, p50 {runs[0]['p50']} ms, p99 {runs[0]['p99']} ms")
+        runs = []
+        for i in range(args.reps):
+            runs.append(measure(server, scripts["rate"], args.duration, 1,
+                                env={"BENCH_INTERVAL_MS": f"{interval_ms:.3f}"}))
+            r = runs[-1]
+            say(f"   run {i + 1}: {r['rps']:,.0f} req/s, p50 {r['p50']} ms, p99 {r['p99']} ms")
         rss = peak_rss_mb(server.pid)
         result = drain_and_count(server, os.path.join(directory, "store"), None, "raw-half")
         rows.append(("half-rate (single, local)", runs, rss, result, 1))

@@ -200,7 +200,27 @@ def _exit_zero_after_signal(reactor) -> None:
         reactor._exitSignal = None
 
 
+def tune_interpreter() -> None:
+    """
+    Process-wide settings for a latency-sensitive server on a small CPU:
+
+     - the encoder's worker threads hand the GIL back to the reactor thread
+       after 1 ms instead of 5 ms, which trims the request latency tail
+       while a batch is being encoded;
+     - everything imported and wired so far is moved out of the garbage
+       collector's sight (gc.freeze): full collections then walk only the
+       objects made while serving, not the ~200,000 of the libraries.
+    """
+    import gc
+
+    sys.setswitchinterval(0.001)
+    gc.collect()
+    gc.freeze()
+
+
 def makeService(options, reactor=None) -> EstatService:
     if reactor is None:
         from twisted.internet import reactor
-    return build_service(options.config, reactor)
+    service = build_service(options.config, reactor)
+    tune_interpreter()
+    return service
