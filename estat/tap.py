@@ -75,6 +75,17 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
+def with_backlog(description: str, backlog: int = 1024) -> str:
+    """
+    A TCP listener with a longer accept queue than Twisted's 50, so that a
+    burst of new connections (a load balancer warming up, a reconnect
+    storm) is not met with dropped SYNs and one-second client retries.
+    """
+    if description.startswith(("tcp:", "tcp6:")) and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 def build_service(config: Config, reactor, environ=None) -> EstatService:
     """
     Wire the pipeline for C{config} on C{reactor}.
@@ -166,7 +177,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
                      on_timeout=timed_out, on_refused=refused)
     metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
-        endpoint=serverFromString(reactor, config.http_addr),
+        endpoint=serverFromString(reactor, with_backlog(config.http_addr)),
         site=site,
         clock=reactor,
         grace=min(5.0, config.shutdown_timeout / 4),
