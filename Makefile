@@ -15,7 +15,7 @@ AWS_ACCOUNT_ID ?=
 ECR_REPO ?= estat
 ECR_REGISTRY = $(AWS_ACCOUNT_ID).dkr.ecr.$(AWS_REGION).amazonaws.com
 
-.PHONY: venv run-local test test-fast bench soak build push clean
+.PHONY: venv run-local test bench soak build push clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
