@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
