@@ -73,13 +73,15 @@ class EstatService(MultiService):
         super().startService()
         self.readiness.ready = True
         self.log.info("storing events in {store}", store=self.store.description)
-        d = self.store.check()
-        d.addCallbacks(self._store_ok, self._store_failed)
+        self._checking = self.store.check()
+        self._checking.addCallbacks(self._store_ok, self._store_failed)
 
     def _store_ok(self, _) -> None:
         self.log.info("store check passed: {store} is writable", store=self.store.description)
 
     def _store_failed(self, failure) -> None:
+        if failure.check(CancelledError):
+            return  # shutdown began before the check answered
         self.log.error(
             "store check FAILED for {store}: {error}. The server is running; batches "
             "that cannot be stored are kept in the dead-letter queue.",
@@ -94,6 +96,9 @@ class EstatService(MultiService):
     async def _stop_in_order(self) -> None:
         self.log.info("shutting down (deadline {timeout}s)", timeout=self.shutdown_timeout)
         self.readiness.ready = False
+        checking = getattr(self, "_checking", None)
+        if checking is not None and not checking.called:
+            checking.cancel()  # no start-up work outlives the service
         retry_stopped = self.dead_letters.stop_retrying()
         hurry = self.clock.callLater(hurry_delay(self.shutdown_timeout), self._hurry)
         try:

@@ -397,3 +397,32 @@ class ShutdownDeadlineTests(ServiceTestsMixin, SynchronousTestCase):
         self.clock.advance(10.0 - hurry_delay(10.0))
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.sample("shutdown_events_unsaved_total"), 1)
+
+
+class StoreCheckTests(SynchronousTestCase):
+    """
+    The start-up store check is work of the service: a shutdown that begins
+    before it answers cancels it, quietly.
+    """
+
+    def test_stop_cancels_a_pending_check(self):
+        from twisted.internet.defer import Deferred
+        from twisted.logger import LogLevel, capturedLogs
+
+        from estat.testing import MemoryObjectStore
+
+        cancelled = []
+
+        class SlowCheckStore(MemoryObjectStore):
+            def check(self):
+                return Deferred(lambda d: cancelled.append(True))
+
+        harness = ShutdownDeadlineTests()
+        harness.build(shutdown_timeout=10.0)
+        harness.service.store = SlowCheckStore()
+        with capturedLogs() as events:
+            harness.service.startService()
+            d = harness.service.stopService()
+        self.assertEqual(cancelled, [True])
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse([e for e in events if e.get("log_level") == LogLevel.error])
