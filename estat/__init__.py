@@ -3,7 +3,7 @@ Estat: an event-ingestion server.  Events are POSTed over HTTP, queued in
 memory, sealed into batches, encoded as gzip JSON Lines and stored in S3 (or
 a local directory), with a disk dead-letter queue beside the pipeline.
 
-    http_api / http_server  ->  queue  ->  batcher  ->  encoder  ->  uploader  ->  store/
+    http/ (site, routes)  ->  queue  ->  batcher  ->  encoder  ->  uploader  ->  store/
                                                                         |
                                                                        dlq
 """

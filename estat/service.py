@@ -27,8 +27,8 @@ from twisted.logger import Logger
 
 from .batcher import Batcher
 from .dlq import DiskDeadLetterQueue
-from .http_api import Readiness
-from .http_server import HTTPListenerService
+from .http.routes import Readiness
+from .http.site import HTTPListenerService
 from .interfaces import IObjectStore
 from .metrics import Metrics
 from .queue import EventQueue

@@ -21,10 +21,10 @@ from .batcher import Batcher
 from .config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from .dlq import DiskDeadLetterQueue
 from .event import ClientAddressResolver
-from .http_access import CorsPolicy, WriteKeys, read_keys_file
-from .http_api import IngestAPI, Readiness
-from .request_body import Limits
-from .http_server import EstatSite, HTTPListenerService
+from .http.access import CorsPolicy, WriteKeys, read_keys_file
+from .http.routes import IngestAPI, Readiness
+from .http.body import Limits
+from .http.site import EstatSite, HTTPListenerService
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue

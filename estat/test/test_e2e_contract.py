@@ -4,7 +4,7 @@ The OpenAPI contract, end to end: schemathesis generates requests from the
 document C{GET /openapi.json} serves and sends them to a real C{twistd
 estat}; no answer may be a 5xx or break the document.
 
-The schema is loaded from L{estat.openapi.openapi_document} when the module
+The schema is loaded from L{estat.http.openapi.openapi_document} when the module
 is imported (schemathesis' lazy C{from_fixture} loader does not work with
 the installed pytest 9), and the first test checks that the running server
 serves exactly that document.
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from estat.openapi import openapi_document
+from estat.http.openapi import openapi_document
 from estat.test.harness import EstatProcess
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 # -*- test-case-name: estat.test.test_http_access -*-
 """
-Tests for L{estat.http_access}: write keys and the CORS policy; and the
+Tests for L{estat.http.access}: write keys and the CORS policy; and the
 client address a request is stored with (L{estat.event.ClientAddressResolver}
 with C{IP_ANONYMIZE}).
 """
@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from estat.event import ClientAddressResolver
-from estat.http_access import CorsPolicy, WriteKeys, parse_list, read_keys_file
+from estat.http.access import CorsPolicy, WriteKeys, parse_list, read_keys_file
 
 
 def request(headers: dict | None = None, uri: bytes = b"/collect",

@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_http_api -*-
+# -*- test-case-name: estat.test.test_http_routes -*-
 """
-Tests for L{estat.http_api}, through L{StubTreq}: no socket, no reactor.
+Tests for L{estat.http.routes}, through L{StubTreq}: no socket, no reactor.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
-from estat.http_api import IngestAPI, Readiness
+from estat.http.routes import IngestAPI, Readiness
 from estat.metrics import SEED_METRIC_NAMES, Metrics
 from estat.queue import EventQueue
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_request_body -*-
+# -*- test-case-name: estat.test.test_http_body -*-
 """
 From a request body to the events it carries: content decoding (gzip,
 deflate) with a hard cap on the decoded size, then one JSON object, a JSON
@@ -15,7 +15,7 @@ from typing import Any
 
 import attr
 
-from .event import EventRejected, check_event, parse_json
+from ..event import EventRejected, check_event, parse_json
 
 __all__ = ["BodyRejected", "Limits", "decode_content", "decode_events", "is_ndjson"]
 

@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_http_server -*-
+# -*- test-case-name: estat.test.test_http_site -*-
 """
-Tests for L{estat.http_server}: the site is driven byte by byte over
+Tests for L{estat.http.site}: the site is driven byte by byte over
 L{StringTransport}s, the listener service with a fake endpoint and port
 and a L{Clock}.
 """
@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from estat.http_server import EstatSite, HTTPListenerService
+from estat.http.site import EstatSite, HTTPListenerService
 
 
 class RecordingResource(Resource):

@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_http_server -*-
+# -*- test-case-name: estat.test.test_http_site -*-
 """
 The HTTP server under the API: a L{Site} tuned for an ingest endpoint and
 the service that listens with it and closes it gracefully.

@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_http_api_clients -*-
+# -*- test-case-name: estat.test.test_http_routes_clients -*-
 """
 Tests for what real clients send to C{POST /collect}: batches (JSON arrays
 and NDJSON), compressed bodies, browsers (CORS, C{sendBeacon}'s
@@ -20,11 +20,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
-from estat.http_access import CorsPolicy, WriteKeys
-from estat.http_api import IngestAPI
+from estat.http.access import CorsPolicy, WriteKeys
+from estat.http.routes import IngestAPI
 from estat.metrics import Metrics
 from estat.queue import EventQueue
-from estat.request_body import Limits
+from estat.http.body import Limits
 
 #: 2023-11-14T22:13:20.250Z
 NOW = 1700000000.25

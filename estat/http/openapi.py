@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_openapi -*-
+# -*- test-case-name: estat.test.test_e2e_contract -*-
 """
 The OpenAPI 3 document of Estat's HTTP API, served at C{/openapi.json}.
 The contract test runs schemathesis against a live server with it.
@@ -6,7 +6,7 @@ The contract test runs schemathesis against a live server with it.
 
 from __future__ import annotations
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["openapi_document"]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_http_api -*-
+# -*- test-case-name: estat.test.test_http_routes -*-
 """
 The HTTP API (Klein): C{POST /collect} validates and enriches an event and
 puts it on the event queue; C{/healthz}, C{/readyz} and C{/metrics} are for
@@ -16,12 +16,12 @@ from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
-from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
-from .http_access import CorsPolicy, WriteKeys
-from .request_body import BodyRejected, Limits, decode_content, decode_events
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from ..event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
+from .access import CorsPolicy, WriteKeys
+from .body import BodyRejected, Limits, decode_content, decode_events
+from ..metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import openapi_document
-from .queue import EventQueue
+from ..queue import EventQueue
 
 __all__ = ["IngestAPI", "Readiness"]
 
