@@ -160,6 +160,13 @@ def _origin_list(text: str) -> tuple:
     return tuple(o.rstrip("/") for o in origins)
 
 
+def _public_url(text: str) -> str:
+    value = text.strip().rstrip("/")
+    if value and not re.match(r"^https?://[^/\s?#]+$", value):
+        raise ValueError("must be a URL like https://collect.example.com (no path)")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -268,6 +275,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_TIMEOUT", "30s", _positive_duration, "a request's headers and body must arrive within this (answer: 408)"),
     Setting("MAX_CONNECTIONS", "5000", _positive_int, "open HTTP connections beyond this are closed at once"),
     Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
+    # Segment-compatible tracking API (estat.segment).
+    Setting("SEGMENT_PREFIX", "segment", _key_prefix, "key prefix of stored Segment messages"),
+    Setting("PUBLIC_URL", "", _public_url, "this server's URL as browsers reach it (https://collect.example.com), for analytics.js settings; empty: from the request"),
+    Setting("DEDUP_WINDOW", "10m", parse_duration, "a messageId admitted this recently is acknowledged and not stored again; 0 disables"),
+    Setting("DEDUP_MAX_IDS", "100000", _positive_int, "most message ids the dedup window holds (about 75 bytes each); past it the oldest are forgotten early"),
 )
 
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -312,6 +324,10 @@ class Config:
     request_timeout: float = attr.ib()
     max_connections: int = attr.ib()
     log_format: str = attr.ib()
+    segment_prefix: str = attr.ib()
+    public_url: str = attr.ib()
+    dedup_window: float = attr.ib()
+    dedup_max_ids: int = attr.ib()
 
     @classmethod
     def defaults(cls, **overrides: Any) -> "Config":

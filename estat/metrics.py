@@ -139,6 +139,16 @@ class Metrics:
         self.loop_errors = Counter(
             "loop_errors", "Unexpected errors caught in a background loop",
             ["loop"], registry=r)
+        self.events_deduplicated = Counter(
+            "events_deduplicated",
+            "Events acknowledged but not stored again: their messageId was admitted "
+            "within DEDUP_WINDOW (a client's retry), by stream", ["stream"], registry=r)
+        self.dedup_ids = Gauge(
+            "dedup_ids", "Message ids the dedup window holds", registry=r)
+        self.dedup_ids_evicted_early = Counter(
+            "dedup_ids_evicted_early",
+            "Message ids forgotten before DEDUP_WINDOW was over, because "
+            "DEDUP_MAX_IDS were held", registry=r)
         self.shutdown_events_unsaved = Counter(
             "shutdown_events_unsaved",
             "Events still in memory when the shutdown deadline passed",

@@ -706,9 +706,11 @@ class TestIamPolicy:
     def test_least_privilege_for_the_task_definition_bucket_and_prefixes(self):
         env = task_environment()
         bucket, raw, dlq = env["RAW_BUCKET"], env["RAW_PREFIX"], env["DLQ_PREFIX"]
+        segment = env["SEGMENT_PREFIX"]
         assert _statements(_load_json(IAM_POLICY)) == {
             ("Allow", "s3:PutObject", f"arn:aws:s3:::{bucket}/{raw}/*"),
             ("Allow", "s3:PutObject", f"arn:aws:s3:::{bucket}/{dlq}/*"),
+            ("Allow", "s3:PutObject", f"arn:aws:s3:::{bucket}/{segment}/*"),
             ("Allow", "s3:ListBucket", f"arn:aws:s3:::{bucket}"),
         }
 
