@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 import attr
 
-__all__ = ["CorsPolicy", "WriteKeys", "parse_list", "read_keys_file"]
+__all__ = ["CorsPolicy", "WriteKeys", "parse_list", "read_keys_file", "split_key"]
 
 KEY_HEADER = b"x-write-key"
 KEY_QUERY = (b"write_key", b"key")
@@ -39,14 +39,53 @@ def read_keys_file(path: str) -> tuple[str, ...]:
     return tuple(keys)
 
 
-@attr.s(frozen=True)
+_SOURCE_NAME = re.compile(rb"^(.+)=([A-Za-z0-9._-]+)$")
+
+
+def split_key(spec) -> tuple[bytes, str | None]:
+    """
+    A configured key and its source name: C{key=name} names the source of
+    what is sent with C{key} (C{WRITE_KEYS=k1=web,k2=backend}); a plain
+    key has none.  The name is what follows the last C{=}, so a base64
+    key's trailing C{=} padding stays part of the key.
+    """
+    if isinstance(spec, str):
+        spec = spec.encode("utf-8")
+    m = _SOURCE_NAME.match(spec)
+    if m is None:
+        return spec, None
+    return m.group(1), m.group(2).decode("ascii")
+
+
+@attr.s(frozen=True, init=False)
 class WriteKeys:
     """
     @ivar keys: the accepted keys; empty means no key is required.
+    @ivar sources: each key's source name, or C{None}.
     """
 
-    keys: tuple = attr.ib(default=(), converter=lambda ks: tuple(
-        k.encode("utf-8") if isinstance(k, str) else k for k in ks))
+    keys: tuple = attr.ib()
+    sources: tuple = attr.ib()
+
+    def __init__(self, keys=()) -> None:
+        pairs = [split_key(k) for k in keys]
+        object.__setattr__(self, "keys", tuple(k for k, _ in pairs))
+        object.__setattr__(self, "sources", tuple(n for _, n in pairs))
+
+    def source(self, candidate: bytes | None) -> tuple[bool, str | None]:
+        """
+        Whether C{candidate} is one of the keys and, if so, its source
+        name; in constant time, like L{matches}.
+        """
+        if not candidate:
+            return False, None
+        found = -1
+        for index, key in enumerate(self.keys):
+            if hmac.compare_digest(candidate, key):
+                found = index
+        if found < 0:
+            return False, None
+        return True, self.sources[found]
 
     @property
     def required(self) -> bool:

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
 from estat.ingest import IngestRequest
-from estat.http.access import CorsPolicy, WriteKeys, parse_list, read_keys_file
+from estat.http.access import CorsPolicy, WriteKeys, parse_list, read_keys_file, split_key
 
 
 def request(headers: dict | None = None, uri: bytes = b"/collect",
@@ -111,6 +111,35 @@ class WriteKeysTests(SynchronousTestCase):
         keys = WriteKeys(["cl\u00e9"])
         self.assertTrue(keys.allows(request({b"X-Write-Key": "cl\u00e9".encode("utf-8")})))
         self.assertFalse(keys.allows(request({b"X-Write-Key": b"cl\xe9"})))
+
+
+class SourceNameTests(SynchronousTestCase):
+    """
+    C{WRITE_KEYS=key1=web,key2=backend}: a key may name its source.
+    """
+
+    def test_split(self) -> None:
+        self.assertEqual(split_key("k1=web"), (b"k1", "web"))
+        self.assertEqual(split_key("plain"), (b"plain", None))
+        # base64 padding is part of the key
+        self.assertEqual(split_key("YWJjZA=="), (b"YWJjZA==", None))
+        self.assertEqual(split_key("YWJjZA===app"), (b"YWJjZA==", "app"))
+        self.assertEqual(split_key(b"k=back-end_2.x"), (b"k", "back-end_2.x"))
+
+    def test_named_and_plain_keys_together(self) -> None:
+        keys = WriteKeys(["k1=web", "k2"])
+        self.assertEqual(keys.keys, (b"k1", b"k2"))
+        self.assertEqual(keys.sources, ("web", None))
+        self.assertTrue(keys.matches(b"k1"))
+        self.assertFalse(keys.matches(b"k1=web"))
+        self.assertEqual(keys.source(b"k1"), (True, "web"))
+        self.assertEqual(keys.source(b"k2"), (True, None))
+        self.assertEqual(keys.source(b"k3"), (False, None))
+        self.assertEqual(keys.source(None), (False, None))
+
+    def test_equality_and_defaults(self) -> None:
+        self.assertEqual(WriteKeys(["a=x"]), WriteKeys([b"a=x"]))
+        self.assertFalse(WriteKeys().required)
 
 
 class ReadKeysFileTests(SynchronousTestCase):
