@@ -236,6 +236,13 @@ class ClientAddressResolver:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.trusted)
 
+    def trusts(self, peer: str) -> bool:
+        """
+        Whether C{peer} is a trusted proxy (whose C{X-Forwarded-*} fields
+        are believed).
+        """
+        return self._is_trusted(peer)
+
     def resolve(self, peer: str, forwarded_for: list | None) -> str:
         """
         The client's address, anonymised if so configured.

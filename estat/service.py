@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import attr
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -61,12 +61,18 @@ class EstatService(MultiService):
     shutdown_timeout: float = attr.ib(default=25.0)
     #: Called once a shutdown drained everything in time.
     on_clean_shutdown: object = attr.ib(default=lambda: None)
+    #: Further streams, each C{(queue, batcher)} (the Segment messages under
+    #: SEGMENT_PREFIX): started and drained like the first, sharing its
+    #: uploader and dead-letter queue.
+    streams: list = attr.ib(factory=list)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
         # Start order; stop order is in stopService.
         self.dead_letters.setServiceParent(self)
         self.batcher.setServiceParent(self)
+        for _, batcher in self.streams:
+            batcher.setServiceParent(self)
         self.http.setServiceParent(self)
 
     def startService(self) -> None:
@@ -103,7 +109,12 @@ class EstatService(MultiService):
         hurry = self.clock.callLater(hurry_delay(self.shutdown_timeout), self._hurry)
         try:
             await self.http.stopService()
-            await self.batcher.stopService()
+            # Every stream drains at once; the first one's result (or
+            # cancellation, at the deadline) comes first.
+            draining = [maybeDeferred(self.batcher.stopService)] + \
+                [maybeDeferred(b.stopService) for _, b in self.streams]
+            for stopped in draining:
+                await stopped
             await retry_stopped
             await self.dead_letters.stopService()
         finally:
@@ -120,7 +131,8 @@ class EstatService(MultiService):
 
     def _too_late(self, result, timeout) -> None:
         if isinstance(getattr(result, "value", None), CancelledError):
-            unsaved = len(self.queue) + self.batcher.open_count + self.batcher.pending_events
+            unsaved = sum(len(q) + b.open_count + b.pending_events
+                          for q, b in [(self.queue, self.batcher)] + list(self.streams))
             self.metrics.shutdown_events_unsaved.inc(unsaved)
             self.log.critical(
                 "shutdown deadline of {timeout}s passed; about {count} events were "

@@ -19,16 +19,19 @@ from twisted.python import usage
 
 from .batcher import Batcher
 from .config import SETTINGS, Config, ConfigError, load_config, read_dotenv
+from .dedup import DedupWindow
 from .dlq import DiskDeadLetterQueue
 from .event import ClientAddressResolver
 from .http.access import CorsPolicy, WriteKeys, read_keys_file
 from .http.routes import IngestAPI, Readiness
 from .http.body import Limits
+from .http.segment import SegmentAPI
 from .http.site import EstatSite, HTTPListenerService
 from .ingest import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue
+from .segment import SegmentLimits
 from .service import EstatService
 from .store.local import LocalDirectoryStore
 from .uploader import Uploader
@@ -158,7 +161,12 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         write_keys=WriteKeys(keys),
         cors=CorsPolicy(config.cors_allowed_origins),
     )
-    api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness)
+    segment_queue, segment_batcher, segment = _segment_stream(
+        config, reactor, metrics, core, uploader, instance)
+    metrics.batches_pending.set_function(
+        lambda: batcher.pending_batches + segment_batcher.pending_batches)
+    api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness,
+                    handler_for=segment.handler_for)
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -195,11 +203,50 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         clock=reactor,
         shutdown_timeout=config.shutdown_timeout,
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
+        streams=[(segment_queue, segment_batcher)],
     )
     service.api = api
+    service.segment = segment
     service.core = core
     service.site = site
     return service
+
+
+def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
+                    uploader: Uploader, instance: str):
+    """
+    The Segment tracking API's stream: its own queue, batcher and key
+    prefix (SEGMENT_PREFIX, poison events under DLQ_PREFIX/SEGMENT_PREFIX),
+    the same uploader, dead-letter queue, write keys, CORS and client
+    addresses as C{/collect}; and the dedup window both share.
+    """
+    queue = EventQueue(config.channel_size)
+    batcher = Batcher(
+        queue=queue,
+        sink=uploader.upload,
+        key_maker=KeyMaker(config.segment_prefix,
+                           f"{config.dlq_prefix}/{config.segment_prefix}", instance),
+        metrics=metrics,
+        clock=reactor,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending_batches,
+    )
+    dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
+                        on_evicted_early=metrics.dedup_ids_evicted_early.inc)
+    metrics.dedup_ids.set_function(lambda: len(dedup))
+    segment = SegmentAPI(
+        admission=QueueAdmission(queue, retry_after=1),
+        metrics=metrics,
+        clock=reactor,
+        client_addresses=core.client_addresses,
+        write_keys=core.write_keys,
+        cors=core.cors,
+        limits=SegmentLimits(messages_per_batch=config.max_events_per_request),
+        dedup=dedup,
+        public_url=config.public_url,
+    )
+    return queue, batcher, segment
 
 
 def _exit_zero_after_signal(reactor) -> None:

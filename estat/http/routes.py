@@ -111,6 +111,9 @@ class IngestAPI:
     metrics: Metrics = attr.ib()
     clock: IReactorTime = attr.ib()
     readiness: Readiness = attr.ib(factory=Readiness)
+    #: More ingest handlers: C{path -> handler or None} (the Segment API's
+    #: L{estat.http.segment.SegmentAPI.handler_for}).
+    handler_for: object = attr.ib(default=lambda path: None)
 
     def resource(self):
         """
@@ -176,6 +179,13 @@ class _Root(Resource):
     def render(self, request):
         if request.path == b"/collect":
             result = self._api.collect(request)
+            if isinstance(result, Deferred):
+                result.addCallback(_finish, request)
+                return NOT_DONE_YET
+            return result
+        handler = self._api.handler_for(request.path)
+        if handler is not None:
+            result = serve(handler, request, self._api.clock.seconds())
             if isinstance(result, Deferred):
                 result.addCallback(_finish, request)
                 return NOT_DONE_YET
