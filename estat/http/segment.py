@@ -133,7 +133,8 @@ class SegmentAPI:
             return self.events
         if path in PIXEL_ROUTES:
             return self.pixel
-        if path.startswith(SETTINGS_PREFIX) and path.endswith(SETTINGS_SUFFIX):
+        if path.startswith(SETTINGS_PREFIX) and path.endswith(SETTINGS_SUFFIX) and \
+                len(path) > len(SETTINGS_PREFIX) + len(SETTINGS_SUFFIX):
             return self.settings
         return None
 
