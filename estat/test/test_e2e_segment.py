@@ -1,0 +1,391 @@
+# -*- test-case-name: estat.test.test_e2e_segment -*-
+"""
+End to end with the real Segment SDKs against a real C{twistd estat}:
+
+ - analytics-python (PyPI C{segment-analytics-python}): all six calls, with
+   and without C{gzip=True};
+ - analytics-node (npm C{@segment/analytics-node}): track calls and
+   C{closeAndFlush};
+ - analytics.js (npm C{@segment/analytics-next}, its browser build) in
+   headless Chromium on another loopback origin, loaded with only
+   C{writeKey} and C{cdnURL} pointing at Estat;
+
+and, with the SDK's own request function or plain HTTP: a retried batch
+stored once, a wrong key's 401, a skewed clock corrected, the pixel, an
+oversized message's 400.
+
+Every message must be stored exactly once, under SEGMENT_PREFIX, with its
+type, messageId, receivedAt and corrected timestamp.  The npm packages are
+installed by L{estat.test.sdk.node_modules} (cached); in CI a missing tool
+fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from estat.test.harness import LOOPBACK, EstatProcess, stored_objects_local, wait_until
+from estat.test.sdk import NODE_CLIENT, missing, node_modules
+from estat.test.test_e2e_browser import find_chromium, run_chromium
+
+pytestmark = pytest.mark.e2e
+
+WRITE_KEY = "seg-key"
+OTHER_KEY = "other-key"
+SOURCE = "backend"
+
+
+class StaticServer:
+    """
+    Serves a few fixed files on its own loopback port (another origin than
+    Estat's), from a thread.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                entry = files.get(self.path.split("?")[0])
+                if entry is None:
+                    self.send_error(404)
+                    return
+                content_type, body = entry
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def origin(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def pages():
+    server = StaticServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def estat(pages):
+    directory = tempfile.mkdtemp(prefix="estat-segment-")
+    server = EstatProcess({
+        "FLUSH_INTERVAL": "1s",
+        "WRITE_KEYS": f"{WRITE_KEY}={SOURCE},{OTHER_KEY}",
+        "CORS_ALLOWED_ORIGINS": pages.origin,
+        "DEDUP_WINDOW": "10m",
+    }, directory=directory)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def drained(server: EstatProcess) -> None:
+    """
+    Wait (bounded) until every event Estat accepted is stored.
+    """
+    def done():
+        metrics = server.metrics()
+        accepted = metrics.get("events_accepted_total", 0)
+        return accepted and metrics.get("s3_events_stored_total", 0) >= accepted
+
+    wait_until(done, 20, 0.1, lambda: "every accepted event to be stored:\n" + server.log_tail())
+
+
+def segment_lines(server: EstatProcess) -> list:
+    """
+    Every stored Segment message (keys under C{segment/}), with its key.
+    """
+    lines = []
+    for key, events in sorted(stored_objects_local(server.store_dir).items()):
+        if key.startswith("segment/"):
+            lines.extend(events)
+    return lines
+
+
+def by_id(lines: list, ids) -> dict:
+    """
+    C{{messageId: [stored lines]}} for C{ids}.
+    """
+    wanted = set(ids)
+    found: dict = {i: [] for i in wanted}
+    for line in lines:
+        if line.get("messageId") in wanted:
+            found[line["messageId"]].append(line)
+    return found
+
+
+def parse_time(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def assert_server_fields(line: dict) -> None:
+    """
+    C{receivedAt}, and C{timestamp} = receivedAt - (sentAt - originalTimestamp).
+    """
+    received = parse_time(line["receivedAt"])
+    assert line["_estat"]["received_at"] == line["receivedAt"]
+    if "sentAt" in line and "originalTimestamp" in line:
+        expected = received - (parse_time(line["sentAt"]) - parse_time(line["originalTimestamp"]))
+        assert abs(parse_time(line["timestamp"]) - expected) <= 0.002, line  # ms rounding
+    else:
+        assert "timestamp" in line, line
+    assert line["context"]["ip"] == LOOPBACK, line
+    assert "writeKey" not in line, line
+
+
+# --- analytics-python ----------------------------------------------------
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_analytics_python_all_six_calls(estat, gzip):
+    from segment.analytics import Client
+
+    errors = []
+    client = Client(WRITE_KEY, host=estat.url, gzip=gzip, upload_interval=0.05,
+                    max_retries=2, on_error=lambda e, batch: errors.append((repr(e), batch)))
+    run = uuid.uuid4().hex[:8]
+    user = f"py-{run}"
+    calls = [
+        client.track(user, "Signed Up", {"plan": "pro", "gzip": gzip}),
+        client.identify(user, {"email": "a@example.com"}),
+        client.page(user, "Docs", "Pricing", {"path": "/pricing"}),
+        client.screen(user, "App", "Home", {"tab": 1}),
+        client.group(user, f"group-{run}", {"name": "Acme"}),
+        client.alias(f"anon-{run}", user),
+    ]
+    client.flush()
+    client.join()
+    assert errors == []
+    assert all(ok for ok, _ in calls), calls
+    sent = {msg["messageId"]: msg for _, msg in calls}
+    drained(estat)
+    stored = by_id(segment_lines(estat), sent)
+    for message_id, lines in stored.items():
+        assert len(lines) == 1, (message_id, lines)
+        line = lines[0]
+        assert line["type"] == sent[message_id]["type"]
+        assert line["context"]["library"]["name"] == "analytics-python"
+        assert line["originalTimestamp"] == sent[message_id]["timestamp"]
+        assert line["_estat"]["source"] == SOURCE
+        assert_server_fields(line)
+    types = sorted(lines[0]["type"] for lines in stored.values())
+    assert types == ["alias", "group", "identify", "page", "screen", "track"]
+    track = next(lines[0] for lines in stored.values() if lines[0]["type"] == "track")
+    assert (track["event"], track["properties"]) == ("Signed Up", {"plan": "pro", "gzip": gzip})
+
+
+# --- analytics-node ------------------------------------------------------
+
+
+def test_analytics_node_track_and_close_and_flush(estat):
+    modules = node_modules()
+    env = dict(os.environ, NODE_PATH=modules, ESTAT_HOST=estat.url, WRITE_KEY=OTHER_KEY,
+               COUNT="10")
+    result = subprocess.run(["node", NODE_CLIENT], env=env, capture_output=True,
+                            stdin=subprocess.DEVNULL, timeout=60)
+    output = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, (output, result.stderr.decode("utf-8", "replace"))
+    report = json.loads(output.strip().splitlines()[-1])
+    assert report["errors"] == []
+    assert len(report["sent"]) == 11 and set(report["statuses"]) == {200}, report
+    drained(estat)
+    stored = by_id(segment_lines(estat), report["sent"])
+    for message_id, lines in stored.items():
+        assert len(lines) == 1, (message_id, lines)
+        line = lines[0]
+        assert line["context"]["library"]["name"] == "@segment/analytics-node"
+        assert line["_estat"]["source"] is None  # OTHER_KEY has no source name
+        assert_server_fields(line)
+    types = sorted(lines[0]["type"] for lines in stored.values())
+    assert types == ["identify"] + ["track"] * 10
+
+
+# --- analytics.js in Chromium --------------------------------------------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>estat segment e2e</title></head>
+<body>
+<div id="result">PENDING</div>
+<script src="/analytics.js"></script>
+<script>
+const out = document.getElementById("result");
+(async () => {
+  try {
+    const analytics = AnalyticsNext.AnalyticsBrowser.load(
+      {writeKey: %(key)s, cdnURL: %(cdn)s});
+    const page = await analytics.page("Docs", "Pricing", {run: %(run)s});
+    const track = await analytics.track("Clicked Buy", {run: %(run)s, price: 9.5});
+    out.textContent = "DONE " + JSON.stringify({
+      page: page.event.messageId, track: track.event.messageId,
+      failed: [page.failedDelivery() || null, track.failedDelivery() || null]});
+  } catch (e) {
+    out.textContent = "FAILED " + e + " " + (e && e.stack);
+  }
+})();
+</script>
+</body></html>
+"""
+
+
+def test_analytics_js_in_chromium(estat, pages, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        missing("chromium not installed: apt-get install chromium")
+    bundle = os.path.join(node_modules(), "@segment", "analytics-next", "dist", "umd",
+                          "index.js")
+    with open(bundle, "rb") as f:
+        pages.files["/analytics.js"] = ("application/javascript", f.read())
+    run = uuid.uuid4().hex
+    pages.files["/"] = ("text/html; charset=utf-8", (PAGE % {
+        "key": json.dumps(WRITE_KEY), "cdn": json.dumps(estat.url),
+        "run": json.dumps(run)}).encode("utf-8"))
+
+    status, dom, stderr = run_chromium(chromium, pages.origin + "/", str(tmp_path / "profile"))
+    diagnostics = (f"chromium exit {status}\nDOM:\n{dom[-3000:]}\nstderr tail:\n"
+                   f"{stderr[-3000:]}\nestat log tail:\n{estat.log_tail()}")
+    assert status == 0, diagnostics
+    assert "DONE " in dom, diagnostics
+    result = json.loads(dom.split("DONE ", 1)[1].split("</div>", 1)[0].replace("&quot;", '"'))
+    assert result["failed"] == [None, None], diagnostics
+
+    drained(estat)
+    stored = by_id(segment_lines(estat), [result["page"], result["track"]])
+    assert all(len(lines) == 1 for lines in stored.values()), (stored, diagnostics)
+    page, track = stored[result["page"]][0], stored[result["track"]][0]
+    assert (page["type"], page["name"], page["category"]) == ("page", "Pricing", "Docs")
+    assert (track["type"], track["event"]) == ("track", "Clicked Buy")
+    assert track["properties"] == {"run": run, "price": 9.5}
+    for line in (page, track):
+        assert line["context"]["library"]["name"] == "analytics.js"
+        assert "Chrome" in line["context"]["userAgent"], line
+        assert line["anonymousId"], line
+        assert line["_estat"]["source"] == SOURCE
+        assert_server_fields(line)
+
+
+# --- what the SDKs rely on -------------------------------------------------
+
+
+def _post(estat, batch, key=WRITE_KEY, **kwargs):
+    from segment.analytics.request import post
+
+    return post(key, estat.url, batch=batch, **kwargs)
+
+
+def test_a_retried_batch_is_stored_once(estat):
+    from segment.analytics.request import post
+
+    ids = [f"retry-{uuid.uuid4()}" for _ in range(3)]
+    batch = [{"type": "track", "event": "Retry", "userId": "r", "messageId": i} for i in ids]
+    before = estat.metric('events_deduplicated_total{stream="segment"}')
+    assert post(WRITE_KEY, estat.url, batch=batch).status_code == 200
+    # The SDK's retry after a timeout: the same batch, X-Retry-Count set.
+    assert post(WRITE_KEY, estat.url, batch=batch, retry_count=1).status_code == 200
+    assert post(WRITE_KEY, estat.url, gzip=True, batch=batch, retry_count=2).status_code == 200
+    assert estat.metric('events_deduplicated_total{stream="segment"}') - before == 6
+    drained(estat)
+    stored = by_id(segment_lines(estat), ids)
+    assert {i: len(lines) for i, lines in stored.items()} == {i: 1 for i in ids}
+
+
+def test_a_wrong_key_gets_401(estat):
+    from segment.analytics.request import APIError
+
+    message_id = f"wrong-{uuid.uuid4()}"
+    with pytest.raises(APIError) as raised:
+        _post(estat, [{"type": "track", "event": "E", "userId": "u",
+                       "messageId": message_id}], key="not-a-key")
+    assert raised.value.status == 401
+    drained(estat)
+    assert by_id(segment_lines(estat), [message_id])[message_id] == []
+
+
+def test_a_skewed_client_clock_is_corrected(estat):
+    # The client's clock is two hours fast.
+    skew = datetime.timedelta(hours=2)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    made = (now + skew - datetime.timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    sent = (now + skew).isoformat(timespec="milliseconds")
+    message_id = f"skew-{uuid.uuid4()}"
+    _post(estat, [{"type": "track", "event": "Skewed", "userId": "u", "messageId": message_id,
+                   "timestamp": made}], sentAt=sent)
+    drained(estat)
+    [line] = by_id(segment_lines(estat), [message_id])[message_id]
+    assert line["originalTimestamp"] == made
+    assert line["sentAt"] == sent
+    received = parse_time(line["receivedAt"])
+    # 30 s before it was received, not two hours ahead.
+    assert abs(parse_time(line["timestamp"]) - (received - 30)) < 0.01, line
+    assert abs(received - now.timestamp()) < 60
+
+
+def test_the_pixel_answers_a_gif_and_stores_its_message(estat):
+    message_id = f"pixel-{uuid.uuid4()}"
+    data = base64.b64encode(json.dumps({
+        "writeKey": WRITE_KEY, "userId": "reader", "event": "Email Opened",
+        "messageId": message_id, "properties": {"campaign": "dec"}}).encode()).decode()
+    status, headers, body = estat.get_with_headers("/v1/pixel/track?data=" + data)
+    assert status == 200
+    assert body[:6] == b"GIF89a"
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert headers["content-type"] == "image/gif"
+    assert headers["cache-control"] == "no-cache, no-store, must-revalidate"
+    # A bad one is a GIF too.
+    status, _, body = estat.get_with_headers("/v1/pixel/track?data=bm9wZQ")
+    assert (status, body[:6]) == (200, b"GIF89a")
+    drained(estat)
+    [line] = by_id(segment_lines(estat), [message_id])[message_id]
+    assert (line["type"], line["event"], line["userId"]) == ("track", "Email Opened", "reader")
+    assert line["_estat"]["source"] == SOURCE
+
+
+def test_an_oversized_message_gets_400(estat):
+    from segment.analytics.request import APIError
+
+    message_id = f"big-{uuid.uuid4()}"
+    small_id = f"small-{uuid.uuid4()}"
+    batch = [{"type": "track", "event": "Small", "userId": "u", "messageId": small_id},
+             {"type": "track", "event": "Big", "userId": "u", "messageId": message_id,
+              "properties": {"blob": "x" * 40_000}}]
+    with pytest.raises(APIError) as raised:
+        _post(estat, batch)
+    assert raised.value.status == 400
+    body = raised.value.response.json()
+    assert body["index"] == 1 and "32768" in body["error"], body
+    drained(estat)
+    # All or nothing: the small one was not stored either.
+    assert by_id(segment_lines(estat), [message_id, small_id]) == {message_id: [], small_id: []}
