@@ -11,15 +11,33 @@ from __future__ import annotations
 
 import hmac
 import re
-from urllib.parse import parse_qs
+from urllib.parse import unquote_to_bytes
 
 import attr
 
-__all__ = ["CorsPolicy", "WriteKeys", "parse_list", "read_keys_file", "split_key"]
+__all__ = ["CorsPolicy", "WriteKeys", "parse_list", "query_values", "read_keys_file", "split_key"]
 
 KEY_HEADER = b"x-write-key"
 KEY_QUERY = (b"write_key", b"key")
 _VARY = ((b"vary", b"Origin"),)
+
+
+def query_values(query: bytes) -> dict:
+    """
+    C{{name: [value, ...]}} of a raw query string, as bytes.
+    (C{urllib.parse.parse_qs} raises on a percent-encoded non-ASCII byte
+    given bytes.)
+    """
+    values: dict = {}
+    if not query:
+        return values
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        name = unquote_to_bytes(name.replace(b"+", b" "))
+        values.setdefault(name, []).append(unquote_to_bytes(value.replace(b"+", b" ")))
+    return values
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -105,7 +123,7 @@ class WriteKeys:
         if auth and auth[:7].lower() == b"bearer ":
             return auth[7:].strip()
         if request.query:
-            args = parse_qs(request.query)
+            args = query_values(request.query)
             for name in KEY_QUERY:
                 if args.get(name):
                     return args[name][0]

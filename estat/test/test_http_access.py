@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
 from estat.ingest import IngestRequest
-from estat.http.access import CorsPolicy, WriteKeys, parse_list, read_keys_file, split_key
+from estat.http.access import (CorsPolicy, WriteKeys, parse_list, query_values,
+                               read_keys_file, split_key)
 
 
 def request(headers: dict | None = None, uri: bytes = b"/collect",
@@ -111,6 +112,23 @@ class WriteKeysTests(SynchronousTestCase):
         keys = WriteKeys(["cl\u00e9"])
         self.assertTrue(keys.allows(request({b"X-Write-Key": "cl\u00e9".encode("utf-8")})))
         self.assertFalse(keys.allows(request({b"X-Write-Key": b"cl\xe9"})))
+
+
+class QueryValuesTests(SynchronousTestCase):
+    def test_values(self) -> None:
+        self.assertEqual(query_values(b"a=1&b=x+y&a=%2F&c&&d="),
+                         {b"a": [b"1", b"/"], b"b": [b"x y"], b"c": [b""], b"d": [b""]})
+        self.assertEqual(query_values(b""), {})
+
+    def test_non_ascii_is_bytes_not_an_error(self) -> None:
+        # urllib.parse.parse_qs(bytes) raises UnicodeEncodeError here: a 500.
+        self.assertEqual(query_values(b"write_key=%F4%8F%BD%9E%C3%A9"),
+                         {b"write_key": [b"\xf4\x8f\xbd\x9e\xc3\xa9"]})
+        keys = WriteKeys(["k"])
+        request = IngestRequest(method=b"POST", path=b"/collect",
+                                query=b"write_key=%F4%8F%BD%9E", headers={}, body=b"",
+                                peer="192.0.2.1", received_at=0.0)
+        self.assertFalse(keys.allows(request))
 
 
 class SourceNameTests(SynchronousTestCase):
