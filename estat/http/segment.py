@@ -26,7 +26,7 @@ import base64
 import binascii
 import re
 from typing import Callable
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import attr
 import orjson
@@ -50,7 +50,7 @@ from ..segment import (
     to_lines,
     write_key_of,
 )
-from .access import CorsPolicy, WriteKeys
+from .access import CorsPolicy, WriteKeys, query_values
 from .body import BodyRejected, decode_content
 
 __all__ = ["SegmentAPI", "PIXEL_GIF", "SETTINGS_PREFIX", "SETTINGS_SUFFIX", "basic_auth_user"]
@@ -89,7 +89,7 @@ def basic_auth_user(credentials: bytes) -> bytes | None:
 
 
 def _query(request: IngestRequest) -> dict:
-    return parse_qs(request.query) if request.query else {}
+    return query_values(request.query)
 
 
 @attr.s

@@ -103,6 +103,10 @@ def test_contract(case, estat):
     """
     excluded = ([positive_data_acceptance, negative_data_rejection]
                 if case.media_type in STRING_BODIES else [])
+    if case.path.startswith("/v1/pixel/"):
+        # The pixel answers its GIF whatever the data (an e-mail client
+        # shows a broken image otherwise): refusals are only counted.
+        excluded = [negative_data_rejection]
     case.call_and_validate(base_url=estat.url, excluded_checks=excluded,
                            timeout=10)
 
