@@ -37,7 +37,7 @@ from typing import Iterable
 import attr
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["FRESH", "SEEN", "PENDING", "DedupWindow", "id_key"]
+__all__ = ["FRESH", "SEEN", "PENDING", "DedupWindow", "Retries", "find_retries", "id_key"]
 
 #: A message id not seen within the window: store it.
 FRESH = 0
@@ -203,3 +203,45 @@ class DedupWindow:
         if not self._ring:
             return 0.0
         return max(0.0, self.clock.seconds() - self._ring[0][0])
+
+
+@attr.s(slots=True, frozen=True)
+class Retries:
+    """
+    What the window says of one request's messages.
+
+    @ivar pending: one of them is being admitted for an earlier request:
+        answer 503, retry later.
+    @ivar seen: indices of the messages to acknowledge without storing.
+    @ivar fresh: keys to L{DedupWindow.reserve} now, then to
+        L{DedupWindow.commit} once admitted or L{DedupWindow.release} if
+        refused.
+    """
+
+    pending: bool = attr.ib(default=False)
+    seen: frozenset = attr.ib(default=frozenset())
+    fresh: list = attr.ib(factory=list)
+
+
+_NONE = Retries()
+
+
+def find_retries(window: DedupWindow | None, namespace: str, message_ids: list) -> Retries:
+    """
+    The L{Retries} among C{message_ids} (one per message, C{None} or a
+    non-string where it has none: a message without an id of its own is
+    never a retry).
+    """
+    if window is None or not window.enabled:
+        return _NONE
+    own = [(i, m) for i, m in enumerate(message_ids) if type(m) is str and m]
+    if not own:
+        return _NONE
+    keys = [id_key(namespace, m) for _, m in own]
+    states = window.check(keys)
+    if PENDING in states:
+        return Retries(pending=True)
+    return Retries(
+        seen=frozenset(own[j][0] for j, state in enumerate(states) if state == SEEN),
+        fresh=[keys[j] for j, state in enumerate(states) if state == FRESH],
+    )

@@ -31,7 +31,7 @@ from urllib.parse import unquote_to_bytes
 import attr
 import orjson
 
-from ..dedup import FRESH, PENDING, SEEN, DedupWindow, id_key
+from ..dedup import DedupWindow, find_retries
 from ..event import ClientAddressResolver, format_received_at
 from ..ingest import Answer, IngestRequest, Refusal, error_answer
 from ..metrics import Metrics
@@ -273,26 +273,22 @@ class SegmentAPI:
         new_id = self.new_id
         messages = [normalise(kind, message, defaults, received, text, new_id)
                     for kind, message in checked]
-        fresh: list = []
         dedup = self.dedup
-        if dedup is not None and dedup.enabled:
-            namespace = self.stream + ":" + (presented or b"").decode("latin-1")
-            # Only a client's own ids can come back in a retry.
-            own = [i for i, (_, message) in enumerate(checked) if message.get("messageId")]
-            keys = [id_key(namespace, messages[i]["messageId"]) for i in own]
-            states = dedup.check(keys)
-            if PENDING in states:
-                # The same message is being admitted for an earlier request
-                # (a retry after a timeout): its outcome is not known yet.
-                respond(answer(Refusal(503, "duplicate_in_flight",
-                                       "this batch is still being stored, retry later", 1),
-                               len(messages)))
-                return
-            seen = {own[j] for j, state in enumerate(states) if state == SEEN}
-            fresh = [keys[j] for j, state in enumerate(states) if state == FRESH]
-            if seen:
-                self.metrics.events_deduplicated.labels(self.stream).inc(len(seen))
-                messages = [m for i, m in enumerate(messages) if i not in seen]
+        # Only a client's own ids can come back in a retry.
+        retries = find_retries(
+            dedup, self.stream + ":" + (presented or b"").decode("latin-1"),
+            [message.get("messageId") for _, message in checked])
+        if retries.pending:
+            # The same message is being admitted for an earlier request (a
+            # retry after a timeout): its outcome is not known yet.
+            respond(answer(Refusal(503, "duplicate_in_flight",
+                                   "this batch is still being stored, retry later", 1),
+                           len(messages)))
+            return
+        fresh = retries.fresh
+        if retries.seen:
+            self.metrics.events_deduplicated.labels(self.stream).inc(len(retries.seen))
+            messages = [m for i, m in enumerate(messages) if i not in retries.seen]
         if not messages:
             self.metrics.http_requests_accepted.inc()
             respond(answer(None, 0))

@@ -106,3 +106,29 @@ class MemoryBudgetTests(SynchronousTestCase):
         key_bytes = 32 * len(keys)
         total = held + key_bytes
         self.assertLess(total, 10_000_000, f"{total / 1e6:.1f} MB for 100,000 ids")
+
+
+class FindRetriesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.window = DedupWindow(self.clock, window=60.0, max_ids=100)
+
+    def test_no_window_or_no_ids(self) -> None:
+        from estat.dedup import find_retries
+
+        self.assertEqual(find_retries(None, "ns", ["a"]).fresh, [])
+        self.assertEqual(find_retries(self.window, "ns", [None, 5, ""]).fresh, [])
+
+    def test_seen_fresh_pending(self) -> None:
+        from estat.dedup import find_retries
+
+        first = find_retries(self.window, "ns", ["a", None, "b", "a"])
+        self.assertFalse(first.pending)
+        self.assertEqual(first.seen, frozenset({3}))
+        self.assertEqual(first.fresh, [id_key("ns", "a"), id_key("ns", "b")])
+        self.window.reserve(first.fresh)
+        self.assertTrue(find_retries(self.window, "ns", ["b"]).pending)
+        self.assertFalse(find_retries(self.window, "other", ["b"]).pending)
+        self.window.commit(first.fresh)
+        again = find_retries(self.window, "ns", ["c", "b"])
+        self.assertEqual((again.seen, again.fresh), (frozenset({1}), [id_key("ns", "c")]))
