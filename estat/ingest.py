@@ -21,6 +21,7 @@ import attr
 import orjson
 from zope.interface import Interface, implementer
 
+from .dedup import DedupWindow, find_retries
 from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
 from .http.access import CorsPolicy, WriteKeys
 from .http.body import BodyRejected, Limits, decode_content, decode_events
@@ -135,6 +136,8 @@ def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Ans
 
 
 _ALLOW_POST = (b"allow", b"POST, OPTIONS")
+_IN_FLIGHT = Refusal(503, "duplicate_in_flight",
+                     "an event with this messageId is still being stored, retry later", 1)
 
 
 @attr.s
@@ -153,6 +156,8 @@ class IngestCore:
     limits: Limits = attr.ib(factory=Limits)
     write_keys: WriteKeys = attr.ib(factory=WriteKeys)
     cors: CorsPolicy = attr.ib(factory=CorsPolicy)
+    #: The window of recently admitted message ids (L{estat.dedup}), or None.
+    dedup: DedupWindow | None = attr.ib(default=None)
 
     def collect(self, request: IngestRequest, respond: Callable[[Answer], None]) -> None:
         method = request.method
@@ -196,14 +201,39 @@ class IngestCore:
                                  events=max(1, e.count or len(items)), **extra))
             return
         count = len(events)
+        accepted = b'{"accepted":%d}' % count
+        dedup, fresh = self.dedup, ()
+        ids = [obj.get("messageId") for obj, _ in items] if dedup is not None else ()
+        if any(ids):
+            # Events carrying a messageId admitted within DEDUP_WINDOW are a
+            # client's retry: acknowledged, not stored again.
+            retries = find_retries(dedup, "collect", ids)
+            if retries.pending:
+                respond(self.refused(received, _IN_FLIGHT, cors, count))
+                return
+            if retries.seen:
+                metrics.events_deduplicated.labels("collect").inc(len(retries.seen))
+                events = [e for i, e in enumerate(events) if i not in retries.seen]
+                accepted = b'{"accepted":%d,"duplicates":%d}' % (count, len(retries.seen))
+                if not events:
+                    metrics.http_requests_accepted.inc()
+                    respond(Answer(202, (_JSON_HEADER,) + cors, accepted))
+                    return
+            fresh = retries.fresh
+            if fresh:
+                dedup.reserve(fresh)
 
         def admitted(refusal: Refusal | None) -> None:
             if refusal is None:
+                if fresh:
+                    dedup.commit(fresh)
                 metrics.http_requests_accepted.inc()
-                metrics.events_accepted.inc(count)
-                answer = Answer(202, (_JSON_HEADER,) + cors, b'{"accepted":%d}' % count)
+                metrics.events_accepted.inc(len(events))
+                answer = Answer(202, (_JSON_HEADER,) + cors, accepted)
                 metrics.http_request_duration.observe(self.clock.seconds() - received)
             else:
+                if fresh:
+                    dedup.release(fresh)
                 answer = self.refused(received, refusal, cors, count)
             respond(answer)
 

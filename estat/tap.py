@@ -152,6 +152,11 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
                     events_per_request=config.max_events_per_request)
     readiness = Readiness(ready=False)
+    # One window of recently admitted messageIds for /collect and the
+    # Segment routes (namespaced), so DEDUP_MAX_IDS bounds both.
+    dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
+                        on_evicted_early=metrics.dedup_ids_evicted_early.inc)
+    metrics.dedup_ids.set_function(lambda: len(dedup))
     core = IngestCore(
         admission=QueueAdmission(queue, retry_after=1),
         metrics=metrics,
@@ -161,6 +166,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         limits=limits,
         write_keys=WriteKeys(keys),
         cors=CorsPolicy(config.cors_allowed_origins),
+        dedup=dedup,
     )
     segment_queue, segment_batcher, segment = _segment_stream(
         config, reactor, metrics, core, uploader, instance)
@@ -230,7 +236,7 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
     The Segment tracking API's stream: its own queue, batcher and key
     prefix (SEGMENT_PREFIX, poison events under DLQ_PREFIX/SEGMENT_PREFIX),
     the same uploader, dead-letter queue, write keys, CORS and client
-    addresses as C{/collect}; and the dedup window both share.
+    addresses as C{/collect}, and the same dedup window.
     """
     queue = EventQueue(config.channel_size)
     batcher = Batcher(
@@ -244,9 +250,6 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
         flush_interval=config.flush_interval,
         max_pending=config.max_pending_batches,
     )
-    dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
-                        on_evicted_early=metrics.dedup_ids_evicted_early.inc)
-    metrics.dedup_ids.set_function(lambda: len(dedup))
     segment = SegmentAPI(
         admission=QueueAdmission(queue, retry_after=1),
         metrics=metrics,
@@ -255,7 +258,7 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
         write_keys=core.write_keys,
         cors=core.cors,
         limits=SegmentLimits(messages_per_batch=config.max_events_per_request),
-        dedup=dedup,
+        dedup=core.dedup,
         public_url=config.public_url,
     )
     return queue, batcher, segment

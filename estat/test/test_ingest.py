@@ -190,3 +190,69 @@ class IngestCoreTests(SynchronousTestCase):
         self.assertIn((b"retry-after", b"2"), answers[1].headers)
         self.assertEqual(self.sample("events_accepted_total"), 2)
         self.assertEqual(self.sample("events_rejected_total", reason="wal_full"), 1)
+
+
+class CollectDedupTests(SynchronousTestCase):
+    """
+    C{/collect} events carrying a C{messageId} admitted within the dedup
+    window are acknowledged and not stored again.
+    """
+
+    def setUp(self) -> None:
+        from estat.dedup import DedupWindow
+
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.queue = EventQueue(10)
+        self.metrics = Metrics(CollectorRegistry())
+        self.dedup = DedupWindow(self.clock, window=60.0, max_ids=100)
+        self.core = IngestCore(admission=QueueAdmission(self.queue), metrics=self.metrics,
+                               clock=self.clock, dedup=self.dedup)
+
+    def answer(self, req: IngestRequest, core: IngestCore | None = None):
+        answers = []
+        (core or self.core).collect(req, answers.append)
+        self.assertEqual(len(answers), 1)
+        return answers[0]
+
+    def test_retried_batch_stored_once(self):
+        body = json.dumps([{"e": 1, "messageId": "a"}, {"e": 2}, {"e": 3, "messageId": "b"}])
+        first = self.answer(request(body.encode()))
+        self.assertEqual((first.status, first.body), (202, b'{"accepted":3}'))
+        again = self.answer(request(body.encode()))
+        self.assertEqual((again.status, again.body), (202, b'{"accepted":3,"duplicates":2}'))
+        stored = [orjson.loads(line) for _, line in self.queue.take(10)]
+        self.assertEqual([e["e"] for e in stored], [1, 2, 3, 2])
+        self.assertEqual(self.metrics.registry.get_sample_value(
+            "events_deduplicated_total", {"stream": "collect"}), 2)
+        self.assertEqual(self.metrics.registry.get_sample_value("events_accepted_total"), 4)
+
+    def test_all_duplicates_skip_the_admission(self):
+        body = b'{"messageId":"only"}'
+        self.assertEqual(self.answer(request(body)).status, 202)
+        self.queue.take(10)
+        answer = self.answer(request(body))
+        self.assertEqual((answer.status, answer.body), (202, b'{"accepted":1,"duplicates":1}'))
+        self.assertEqual(len(self.queue), 0)
+
+    def test_refused_then_retried_is_stored(self):
+        admission = WaitingAdmission()
+        core = IngestCore(admission=admission, metrics=self.metrics, clock=self.clock,
+                          dedup=self.dedup)
+        answers = []
+        core.collect(request(b'{"messageId":"m"}'), answers.append)
+        # While the first waits, its retry is told to come back later.
+        retry = self.answer(request(b'{"messageId":"m"}'), core)
+        self.assertEqual(retry.status, 503)
+        _, done = admission.waiting.pop()
+        done(Refusal(503, "wal_full", "full", 1))
+        self.assertEqual(answers[0].status, 503)
+        core.collect(request(b'{"messageId":"m"}'), answers.append)
+        _, done = admission.waiting.pop()
+        done(None)
+        self.assertEqual(answers[1].status, 202)
+
+    def test_non_string_ids_are_not_deduplicated(self):
+        for _ in range(2):
+            self.assertEqual(self.answer(request(b'{"messageId":7}')).status, 202)
+        self.assertEqual(len(self.queue), 2)
