@@ -426,3 +426,46 @@ class StoreCheckTests(SynchronousTestCase):
         self.assertEqual(cancelled, [True])
         self.assertIsNone(self.successResultOf(d))
         self.assertFalse([e for e in events if e.get("log_level") == LogLevel.error])
+
+
+class SecondStreamTests(ServiceTestsMixin, SynchronousTestCase):
+    """
+    A further stream (the Segment messages: its own queue and batcher,
+    the same uploader) is started with the first and drained by the stop.
+    """
+
+    def test_drained_on_stop(self):
+        self.build()
+        queue = EventQueue(100)
+        batcher = Batcher(queue=queue, sink=self.uploader.upload,
+                          key_maker=KeyMaker("segment", "dlq/segment", "test-1",
+                                             entropy=self.entropy),
+                          metrics=self.metrics, clock=self.clock, batch_size=100,
+                          flush_interval=120.0, max_pending=2)
+        self.service.streams.append((queue, batcher))
+        # build() made the service already: add the stream as its
+        # constructor does with the streams it is given.
+        batcher.setServiceParent(self.service)
+        self.service.startService()
+        self.assertTrue(batcher.running)
+        self.offer(1)
+        self.assertTrue(queue.offer([(self.clock.seconds(), b'{"type":"track"}')]))
+        d = self.service.stopService()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(batcher.running)
+        keys = sorted(self.store.objects)
+        self.assertEqual([k.split("/")[0] for k in keys], ["raw", "segment"])
+        self.assertEqual(read_lines(self.store.objects[keys[1]]), [b'{"type":"track"}'])
+
+    def test_streams_given_at_construction_are_children(self):
+        self.build()
+        queue = EventQueue(10)
+        batcher = Batcher(queue=queue, sink=self.uploader.upload,
+                          key_maker=KeyMaker("segment", "dlq", "t"), metrics=self.metrics,
+                          clock=self.clock, batch_size=10, flush_interval=120.0, max_pending=2)
+        service = EstatService(
+            http=StubListener(self.snapshot), batcher=self.batcher, uploader=self.uploader,
+            dead_letters=self.dead_letters, queue=self.queue, store=self.store,
+            readiness=self.readiness, metrics=self.metrics, clock=self.clock,
+            streams=[(queue, batcher)])
+        self.assertIs(batcher.parent, service)
