@@ -389,3 +389,29 @@ def test_an_oversized_message_gets_400(estat):
     drained(estat)
     # All or nothing: the small one was not stored either.
     assert by_id(segment_lines(estat), [message_id, small_id]) == {message_id: [], small_id: []}
+
+
+def test_sigterm_stores_queued_segment_messages(tmp_path):
+    """
+    A graceful shutdown drains the Segment stream too: messages still in
+    memory (the flush interval is far off) are stored, and the exit is 0.
+    """
+    from segment.analytics.request import post
+
+    server = EstatProcess({"FLUSH_INTERVAL": "120s", "WRITE_KEYS": WRITE_KEY},
+                          directory=str(tmp_path))
+    try:
+        server.wait_ready()
+        ids = [f"term-{uuid.uuid4()}" for _ in range(5)]
+        batch = [{"type": "identify", "userId": "u", "messageId": i} for i in ids]
+        assert post(WRITE_KEY, server.url, batch=batch).status_code == 200
+        assert server.post({"event": "collect-too"}, headers={"X-Write-Key": WRITE_KEY})[0] == 202
+        server.terminate()
+        assert server.wait(30) == 0, server.log_tail()
+        stored = by_id(segment_lines(server), ids)
+        assert {i: len(lines) for i, lines in stored.items()} == {i: 1 for i in ids}
+        raw = [e for key, events in stored_objects_local(server.store_dir).items()
+               if key.startswith("raw/") for e in events]
+        assert [e["event"] for e in raw] == ["collect-too"]
+    finally:
+        server.stop()
