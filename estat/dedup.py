@@ -96,6 +96,10 @@ class DedupWindow:
         """
         return self._held
 
+    def __bool__(self) -> bool:
+        # A window is a window even when it holds nothing yet.
+        return True
+
     def _expire(self, now: float) -> None:
         ring = self._ring
         horizon = now - self.window

@@ -205,7 +205,13 @@ def openapi_document() -> dict:
                             "description": "all events queued",
                             "content": {"application/json": {"schema": {
                                 "type": "object", "required": ["accepted"],
-                                "properties": {"accepted": {"type": "integer", "minimum": 1}},
+                                "properties": {
+                                    "accepted": {"type": "integer", "minimum": 1},
+                                    "duplicates": {
+                                        "type": "integer", "minimum": 1,
+                                        "description": "events whose messageId was admitted "
+                                                       "within DEDUP_WINDOW: not stored again"},
+                                },
                             }}},
                         },
                         "400": _error("invalid JSON, not an object, or a bad batch element"),
