@@ -117,21 +117,26 @@ class DedupWindow:
         if not self.enabled:
             return [FRESH for _ in keys]
         self._expire(self.clock.seconds())
-        sets = [ids for _, ids in self._ring]
+        # Newest first: a retry usually follows its original closely.
+        sets = [ids for _, ids in reversed(self._ring)]
         pending = self._pending
         states = []
+        append = states.append
         earlier = set()
         for key in keys:
             if key in earlier:
-                states.append(SEEN)
+                append(SEEN)
                 continue
             earlier.add(key)
             if key in pending:
-                states.append(PENDING)
-            elif any(key in ids for ids in sets):
-                states.append(SEEN)
+                append(PENDING)
+                continue
+            for ids in sets:
+                if key in ids:
+                    append(SEEN)
+                    break
             else:
-                states.append(FRESH)
+                append(FRESH)
         return states
 
     def reserve(self, keys: Iterable[int]) -> None:
@@ -178,14 +183,19 @@ class DedupWindow:
         now = self.clock.seconds()
         self._expire(now)
         ring = self._ring
-        for key in keys:
+        keys = list(keys)
+        per_generation = self._per_generation
+        start = 0
+        while start < len(keys):
             if not ring or ring[-1][0] + self._span <= now or \
-                    len(ring[-1][1]) >= self._per_generation:
+                    len(ring[-1][1]) >= per_generation:
                 self._start_generation(now)
             ids = ring[-1][1]
             before = len(ids)
-            ids.add(key)
+            chunk = keys[start:start + per_generation - before]
+            ids.update(chunk)
             self._held += len(ids) - before
+            start += len(chunk)
 
     def _start_generation(self, now: float) -> None:
         ring = self._ring
