@@ -272,3 +272,58 @@ class SettingsTests(SynchronousTestCase):
             "unbundledIntegrations": []}})
         self.assertEqual(doc["metrics"], {"sampleRate": 0})
         self.assertEqual(doc["remotePlugins"], [])
+
+
+class NormaliseProperties(SynchronousTestCase):
+    """
+    Properties of L{normalise} over generated messages.
+    """
+
+    def test_properties(self) -> None:
+        import copy
+        import datetime
+
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        json_values = st.recursive(
+            st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=8),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                st.text(max_size=5), inner, max_size=3), max_leaves=8)
+        objects = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
+        moments = st.datetimes(min_value=datetime.datetime(2000, 1, 1),
+                               max_value=datetime.datetime(2100, 1, 1),
+                               timezones=st.just(datetime.timezone.utc))
+
+        @settings(max_examples=200, deadline=None, database=None, derandomize=True)
+        @given(extra=objects, context=objects, batch_context=objects, made=moments,
+               sent=moments, with_times=st.booleans())
+        def check(extra, context, batch_context, made, sent, with_times):
+            message = {**extra, "userId": "u", "event": "E", "context": context}
+            if with_times:
+                message["timestamp"] = made.isoformat()
+                message["sentAt"] = sent.isoformat()
+            before = copy.deepcopy(message)
+            defaults = {"context": batch_context}
+            out = normalise("track", message, defaults, RECEIVED, RECEIVED_TEXT, _ids())
+            # The message as sent is never changed.
+            self.assertEqual(message, before)
+            # Its own context keys win over the batch's; ip and userAgent
+            # come from the request only where it set none.
+            for key, value in context.items():
+                if key not in ("ip", "userAgent") or value not in (None, ""):
+                    self.assertEqual(out["context"][key], value)
+            for key, value in batch_context.items():
+                if key not in context and key not in ("ip", "userAgent"):
+                    self.assertEqual(out["context"][key], value)
+            self.assertEqual(out["type"], "track")
+            self.assertEqual(out["receivedAt"], RECEIVED_TEXT)
+            if with_times:
+                self.assertEqual(out["originalTimestamp"], made.isoformat())
+                expected = RECEIVED_AT - (sent.timestamp() - made.timestamp())
+                corrected = parse_time(out["timestamp"])
+                if corrected is not None:
+                    self.assertLessEqual(abs(corrected - expected), 0.0011)
+            orjson.dumps(out)  # always serialisable
+
+        check()
