@@ -68,6 +68,9 @@ class _Sink:
     def loseConnection(self):
         pass
 
+    def registerProducer(self, producer, streaming):
+        pass
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()

@@ -86,6 +86,13 @@ def _field_name(name: bytes) -> bytes:
     return canonical
 
 
+class _Ended(Exception):
+    """
+    Raised when a request begins after one that ends the connection: it
+    is never read.
+    """
+
+
 class _Refused(Exception):
     """
     Raised inside a parser callback: answer C{status} with C{body}, then close.
@@ -194,10 +201,12 @@ class _ChannelTransport:
         return self._transport.getHost()
 
     def registerProducer(self, producer, streaming) -> None:
-        self._transport.registerProducer(producer, streaming)
+        # The protocol is the connection's producer; the routes twisted.web
+        # serves here answer whole and never stream.
+        pass
 
     def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
+        pass
 
     def pauseProducing(self) -> None:
         pass
@@ -228,6 +237,8 @@ class FastHTTPProtocol(Protocol):
         self._in_message = False
         self._completed = 0        # requests framed on this connection
         self._head_raw = 0
+        self._begun = 0            # requests begun on this connection
+        self._ending = False       # a request that ends the connection was read
         self._method = b""
         self._version = "1.1"
         self._path = b""
@@ -237,7 +248,8 @@ class FastHTTPProtocol(Protocol):
         self._closing = False      # close once the pending answers are written
         self._channel = None
         self._slow_busy = False
-        self._paused = False
+        self._paused = False         # too many answers waiting
+        self._write_blocked = False  # the transport's buffer is full
         self.peer = ""
         #: clock seconds when this connection's deadline passes (0: none)
         self.deadline = 0.0
@@ -254,6 +266,9 @@ class FastHTTPProtocol(Protocol):
         except (AttributeError, NotImplementedError):
             pass
         self.peer = getattr(transport.getPeer(), "host", "") or ""
+        # Answers a client does not read back up in the transport: it then
+        # pauses us, and we stop reading its requests (pauseProducing).
+        transport.registerProducer(self, True)
         self._idle(factory.clock.seconds())
 
     def connectionLost(self, reason) -> None:
@@ -289,6 +304,7 @@ class FastHTTPProtocol(Protocol):
             return
         in_head = self._in_head
         completed = self._completed
+        begun = self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -298,6 +314,8 @@ class FastHTTPProtocol(Protocol):
             return
         except httptools.HttpParserError as e:
             refused = e.__context__
+            if isinstance(refused, _Ended):
+                return  # bytes after a request that ends the connection
             if isinstance(refused, _Refused):
                 if refused.reason:
                     self.factory.on_protocol_error(refused.reason)
@@ -315,12 +333,18 @@ class FastHTTPProtocol(Protocol):
         if self._in_head and not self._broken:
             # A header section still arriving: bound what it may hold
             # (llhttp accumulates a header's value until it ends).
-            self._head_raw += len(data) if in_head else 0
+            if in_head and self._begun == begun:
+                # This read was all inside one header section (one that
+                # began here is bounded by this read's size).
+                self._head_raw += len(data)
             if self._head_raw > MAX_HEADER_BYTES:
                 self.factory.on_protocol_error("header_too_large")
                 self._refuse(431, _HEADERS_TOO_LARGE)
 
     def on_message_begin(self) -> None:
+        if self._ending:
+            raise _Ended()
+        self._begun += 1
         self._in_head = True
         self._in_message = True
         self._head_bytes = 0
@@ -420,13 +444,17 @@ class FastHTTPProtocol(Protocol):
         body = body[0] if len(body) == 1 else b"".join(body)
         route = self._route
         if route is None:
-            self._push(_slot(close=not keep_alive, slow=(
+            # twisted.web ends every HTTP/1.0 connection after its answer.
+            close = not keep_alive or self._version == "1.0"
+            self._ending = close
+            self._push(_slot(close=close, slow=(
                 self._method, self._url, self._version, self._headers, body)))
             self._flush()
             return
         slot = _Slot()
         if not keep_alive:
             slot.close = True
+            self._ending = True
         self._push(slot)
         method = self._method
         head = method == b"HEAD"
@@ -464,6 +492,20 @@ class FastHTTPProtocol(Protocol):
         parts.append(body)
         return b"".join(parts)
 
+    # --- IPushProducer, for the transport ---
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._paused and not self._broken:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
     # --- answers out, in order ---
 
     def _push(self, slot: _Slot) -> None:
@@ -491,7 +533,8 @@ class FastHTTPProtocol(Protocol):
                 return
         if self._paused and not self._broken:
             self._paused = False
-            transport.resumeProducing()
+            if not self._write_blocked:
+                transport.resumeProducing()
         if not self._in_message and not self._broken:
             self._idle(self.factory.clock.seconds())
 
@@ -550,6 +593,7 @@ class FastHTTPProtocol(Protocol):
                 transport.write(slot.data)
             pending.clear()
             transport.write(data)
+            transport.pauseProducing()  # nothing more is read
             try:
                 transport.loseWriteConnection()
             except (AttributeError, NotImplementedError):
