@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dedup", action="store_true",
+                        help="with the DEDUP_WINDOW hook (events without messageId)")
     parser.add_argument("--stub", action="store_true",
                         help="a handler that answers at once: the protocol alone")
     args = parser.parse_args()
@@ -89,7 +91,13 @@ def main() -> int:
     clock.advance(1764000000)
     metrics = Metrics(CollectorRegistry())
     queue = EventQueue(1_000_000)
-    core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock)
+    dedup = None
+    if args.dedup:
+        from estat.dedup import DedupWindow
+
+        dedup = DedupWindow(clock, window=600.0, max_ids=100_000)
+    core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock,
+                      dedup=dedup)
     handler = core.collect
     if args.stub:
         from estat.ingest import Answer
