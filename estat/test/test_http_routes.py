@@ -388,3 +388,40 @@ class OtherRoutesTests(APITestsMixin, SynchronousTestCase):
             self.assertEqual(self.header(response, "content-type"), [b"application/json"])
             self.assertIn("error", json.loads(content))
         self.assertEqual(self.queued(), [])
+
+
+class MoreHandlersTests(APITestsMixin, SynchronousTestCase):
+    """
+    C{handler_for} mounts more ingest handlers (the Segment API's) on the
+    Klein side, the settings route's variable path included.
+    """
+
+    def setUp(self) -> None:
+        from estat.http.segment import SegmentAPI
+
+        self.make_api()
+        self.segment_queue = EventQueue(10)
+        segment = SegmentAPI(admission=QueueAdmission(self.segment_queue), metrics=self.metrics,
+                             clock=self.clock)
+        self.api = IngestAPI(core=self.core, metrics=self.metrics, clock=self.clock,
+                             readiness=self.readiness, handler_for=segment.handler_for)
+        self.treq = StubTreq(self.api.resource())
+
+    def test_event_route(self):
+        response, content = self.request("POST", "/v1/t",
+                                         b'{"userId":"u","event":"E"}',
+                                         {"Content-Type": ["text/plain"]})
+        self.assertEqual((response.code, content), (200, b'{"success":true}'))
+        [(_, line)] = self.segment_queue.take(10)
+        self.assertEqual(json.loads(line)["type"], "track")
+        self.assertEqual(self.queued(), [])
+
+    def test_settings_route(self):
+        response, content = self.request("GET", "/v1/projects/k/settings")
+        self.assertEqual(response.code, 200)
+        settings = json.loads(content)["integrations"]["Segment.io"]
+        self.assertEqual(settings["apiHost"], "estat.example/v1")
+
+    def test_other_paths_unchanged(self):
+        self.assertEqual(self.request("GET", "/v1/nope")[0].code, 404)
+        self.assertEqual(self.collect(b'{"e":1}')[0].code, 202)
