@@ -297,6 +297,72 @@ def test_analytics_js_in_chromium(estat, pages, tmp_path):
         assert_server_fields(line)
 
 
+SNIPPET_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>estat segment snippet e2e</title></head>
+<body>
+<div id="result">PENDING</div>
+<script>
+// Segment's snippet, with its CDN replaced: _cdn is where analytics.js
+// loads its settings from, the script comes from this page's own server.
+!function(){var analytics=window.analytics=window.analytics||[];
+analytics.methods=["trackSubmit","trackClick","trackLink","trackForm","pageview","identify",
+"reset","group","track","ready","alias","debug","page","screen","once","off","on",
+"addSourceMiddleware","addIntegrationMiddleware","setAnonymousId","addDestinationMiddleware",
+"register"];
+analytics.factory=function(m){return function(){var args=Array.prototype.slice.call(arguments);
+args.unshift(m);analytics.push(args);return analytics}};
+for(var i=0;i<analytics.methods.length;i++){var m=analytics.methods[i];
+analytics[m]=analytics.factory(m)}
+analytics._writeKey=%(key)s;analytics._cdn=%(cdn)s;
+analytics.page("Snippet", {run: %(run)s});
+analytics.track("Snippet Event", {run: %(run)s});
+analytics.ready(function(){document.getElementById("result").textContent="READY"});
+}();
+</script>
+<script async src="/analytics.js/v1/%(raw_key)s/analytics.min.js"></script>
+</body></html>
+"""
+
+
+def test_analytics_js_snippet_in_chromium(estat, pages, tmp_path):
+    """
+    The snippet most sites use, pointed at Estat with C{analytics._cdn}:
+    analytics.js's standalone build loads its settings from Estat and
+    flushes the calls queued before it loaded.
+    """
+    chromium = find_chromium()
+    if chromium is None:
+        missing("chromium not installed: apt-get install chromium")
+    bundle = os.path.join(node_modules(), "@segment", "analytics-next", "dist", "umd",
+                          "standalone.js")
+    with open(bundle, "rb") as f:
+        pages.files[f"/analytics.js/v1/{WRITE_KEY}/analytics.min.js"] = (
+            "application/javascript", f.read())
+    run = uuid.uuid4().hex
+    pages.files["/"] = ("text/html; charset=utf-8", (SNIPPET_PAGE % {
+        "key": json.dumps(WRITE_KEY), "raw_key": WRITE_KEY, "cdn": json.dumps(estat.url),
+        "run": json.dumps(run)}).encode("utf-8"))
+
+    status, dom, stderr = run_chromium(chromium, pages.origin + "/", str(tmp_path / "profile"))
+    diagnostics = (f"chromium exit {status}\nDOM:\n{dom[-3000:]}\nstderr tail:\n"
+                   f"{stderr[-3000:]}\nestat log tail:\n{estat.log_tail()}")
+    assert status == 0, diagnostics
+    assert "READY" in dom, diagnostics
+
+    def both():
+        drained(estat)
+        return [line for line in segment_lines(estat)
+                if (line.get("properties") or {}).get("run") == run]
+
+    lines = wait_until(lambda: len(both()) >= 2 and both(), 15, 0.2,
+                       lambda: "the snippet's page and track calls:\n" + diagnostics)
+    assert sorted(line["type"] for line in lines) == ["page", "track"], lines
+    for line in lines:
+        assert line["context"]["library"]["name"] == "analytics.js"
+        assert line["_estat"]["source"] == SOURCE
+        assert_server_fields(line)
+
+
 # --- what the SDKs rely on -------------------------------------------------
 
 
