@@ -8,7 +8,8 @@ End to end with the real Segment SDKs against a real C{twistd estat}:
    C{closeAndFlush};
  - analytics.js (npm C{@segment/analytics-next}, its browser build) in
    headless Chromium on another loopback origin, loaded with only
-   C{writeKey} and C{cdnURL} pointing at Estat;
+   C{writeKey} and C{cdnURL} pointing at Estat, and its standalone build
+   behind Segment's snippet with C{analytics._cdn};
 
 and, with the SDK's own request function or plain HTTP: a retried batch
 stored once, a wrong key's 401, a skewed clock corrected, the pixel, an
