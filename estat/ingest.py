@@ -138,6 +138,8 @@ def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Ans
 
 
 _ALLOW_POST = (b"allow", b"POST, OPTIONS")
+#: RFC 9110, 15.5.2: a 401 names how to authenticate.
+_CHALLENGE = ((b"www-authenticate", b'Bearer realm="estat"'),)
 
 
 @attr.s
@@ -178,7 +180,7 @@ class IngestCore:
             return
         if self._keys_required and not self.write_keys.allows(request):
             respond(self._reject(received, 401, "unauthorized",
-                                 "a valid write key is required", cors))
+                                 "a valid write key is required", cors + _CHALLENGE))
             return
         headers = request.headers
         body = request.body
