@@ -141,6 +141,8 @@ def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Ans
 _ALLOW_POST = (b"allow", b"POST, OPTIONS")
 _IN_FLIGHT = Refusal(503, "duplicate_in_flight",
                      "an event with this messageId is still being stored, retry later", 1)
+#: RFC 9110, 15.5.2: a 401 names how to authenticate.
+_CHALLENGE = ((b"www-authenticate", b'Bearer realm="estat"'),)
 
 
 @attr.s
@@ -183,7 +185,7 @@ class IngestCore:
             return
         if self._keys_required and not self.write_keys.allows(request):
             respond(self._reject(received, 401, "unauthorized",
-                                 "a valid write key is required", cors))
+                                 "a valid write key is required", cors + _CHALLENGE))
             return
         headers = request.headers
         body = request.body
