@@ -66,6 +66,9 @@ _SUCCESS = b'{"success":true}'
 _ALLOW_POST = (b"allow", b"POST, OPTIONS")
 _ALLOW_GET = (b"allow", b"GET, HEAD, OPTIONS")
 _NO_STORE = (b"cache-control", b"no-cache, no-store, must-revalidate")
+#: RFC 9110, 15.5.2: a 401 names how to authenticate; Segment's way is
+#: HTTP Basic with the write key as the user name.
+_CHALLENGE = ((b"www-authenticate", b'Basic realm="estat"'),)
 _GIF_HEADERS = ((b"content-type", b"image/gif"), _NO_STORE, (b"pragma", b"no-cache"),
                 (b"expires", b"0"))
 #: analytics.js sends Authorization (so a preflight) and, on retries,
@@ -210,7 +213,8 @@ class SegmentAPI:
         presented = self._header_key(request)
         if presented is not None and self.write_keys.required and \
                 not self.write_keys.matches(presented):
-            respond(self._reject(401, "unauthorized", "a valid write key is required", cors))
+            respond(self._reject(401, "unauthorized", "a valid write key is required",
+                                 cors + _CHALLENGE))
             return
         route_type = EVENT_ROUTES[request.path]
         try:
@@ -233,7 +237,8 @@ class SegmentAPI:
             presented = key.encode("utf-8") if key is not None else None
         allowed, source = self._authorise(presented)
         if not allowed:
-            respond(self._reject(401, "unauthorized", "a valid write key is required", cors))
+            respond(self._reject(401, "unauthorized", "a valid write key is required",
+                                 cors + _CHALLENGE))
             return
         try:
             checked, defaults = messages_of(doc, route_type, self.limits)
@@ -377,7 +382,7 @@ class SegmentAPI:
             respond(error_answer(404, "not found", cors))
             return
         if self.write_keys.required and not self.write_keys.matches(key):
-            respond(error_answer(401, "unknown write key", cors))
+            respond(error_answer(401, "unknown write key", cors + _CHALLENGE))
             return
         origin = self._public_origin(request)
         if origin is None:

@@ -165,6 +165,7 @@ class SegmentAPITests(SynchronousTestCase):
             answer = self.answer(req)
             self.assertEqual(answer.status, 401)
             self.assertEqual(self.json(answer), {"error": "a valid write key is required"})
+            self.assertIn((b"www-authenticate", b'Basic realm="estat"'), answer.headers)
         self.assertEqual(self.stored(), [])
         self.assertEqual(self.sample("http_requests_rejected_total", reason="unauthorized"), 4)
 
