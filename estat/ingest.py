@@ -213,7 +213,7 @@ class IngestCore:
                                  events=max(1, e.count or len(items)), **extra))
             return
         count = len(events)
-        accepted = b'{"accepted":%d}' % count
+        accepted = None  # the 202 body, when it is more than the count
         dedup, fresh = self.dedup, ()
         ids = [obj.get("messageId") for obj, _ in items] if dedup is not None else ()
         if any(ids):
@@ -246,7 +246,10 @@ class IngestCore:
                     headers = (_JSON_HEADER,) + cors
                     if len(_ACCEPTED_HEADERS) < 256:
                         _ACCEPTED_HEADERS[cors] = headers
-                answer = Answer(202, headers, accepted)
+                reply = accepted
+                if reply is None:
+                    reply = b'{"accepted":1}' if count == 1 else b'{"accepted":%d}' % count
+                answer = Answer(202, headers, reply)
                 metrics.http_request_duration.observe(self.clock.seconds() - received)
             else:
                 if fresh:
