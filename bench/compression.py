@@ -18,7 +18,7 @@ worker thread compresses the 5,000-event batch, the main thread (standing
 for the reactor) ticks and the longest gap between two ticks is reported,
 with sys.setswitchinterval(0.001) as the server sets it.
 
-    python bench/compression.py [--runs 5] [--min-cpu 0.2] [--out bench/RESULTS.md]
+    python bench/compression.py [--runs 7] [--min-cpu 0.2] [--out bench/RESULTS.md]
 
 The table replaces the "## Compression" section of --out (the rest of the
 file is kept); --out - prints only.
@@ -77,7 +77,14 @@ LANGS = ["ko-KR", "en-US", "ja-JP", "fr-FR", "de-DE", "ru-RU", "th-TH"]
 SEARCHES = ["twisted 파이썬", "naïve café", "東京 ホテル", "s3 gzip", "größe", "배송 조회"]
 
 
-def make_events(count: int, seed: int = 1) -> list:
+VARIANTS = {
+    # A choice must not hang on one shape of data: two more, sizes only.
+    "wrk": "as bench/run.py's wrk events, the user agent in the body and no User-Agent header",
+    "sdk": "the user agent both in the body and in the header",
+}
+
+
+def make_events(count: int, seed: int = 1, variant: str = "") -> list:
     """
     C{count} JSON lines as the server stores them (server fields included).
     """
@@ -106,6 +113,13 @@ def make_events(count: int, seed: int = 1) -> list:
             event["props"] = {"query": rnd.choice(SEARCHES), "results": rnd.randint(0, 500),
                               "filters": {"sort": rnd.choice(["relevance", "newest"]),
                                           "page": rnd.randint(1, 9)}}
+        if variant in ("wrk", "sdk"):
+            event = dict(event)  # a copy, so the keys can be reordered
+            items = list(event.items())
+            at = [k for k, _ in items].index("referrer") + 1
+            event = dict(items[:at] + [("ua", ua)] + items[at:])
+        if variant == "wrk":
+            ua = None
         raw = orjson.dumps(event)
         received = t0 + n * 0.0002
         server = {
@@ -190,14 +204,49 @@ def gil_stall(fn, data: bytes, calls: int) -> tuple:
     return wall, late[-1], late[int(len(late) * 0.99)]
 
 
+def instructions_worker(library: str, level: int, paths: list) -> None:
+    """
+    Under valgrind: compress each file in C{paths} once (level -1: only
+    read them, the baseline).
+    """
+    datas = [open(p, "rb").read() for p in paths]
+    if level < 0:
+        return
+    [fn] = [f for lib, lv, f in compressors() if (lib, lv) == (library, level)]
+    for data in datas:
+        fn(data)
+
+
+def count_instructions(library: str, level: int, paths: list) -> int:
+    """
+    User-space instructions (valgrind callgrind's Ir) of one worker run.
+    """
+    import subprocess
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         os.path.abspath(__file__), "--instructions-worker", library, str(level), *paths],
+        capture_output=True, text=True, check=True)
+    for line in out.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1])
+    raise RuntimeError(out.stderr[-2000:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--min-cpu", type=float, default=0.2,
                         help="CPU seconds per run (calls are repeated to fill it)")
     parser.add_argument("--small", type=int, default=20, help="how many 100-event batches")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions per MB under valgrind (slow; no noise)")
+    parser.add_argument("--instructions-worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.instructions_worker:
+        library, level, *paths = args.instructions_worker
+        instructions_worker(library, int(level), paths)
+        return 0
 
     events = make_events(5000)
     big = join(events)
@@ -208,6 +257,18 @@ def main() -> int:
           f"(mean {statistics.mean(sizes):.0f}); {len(small)} x 100-event batches: "
           f"{small_bytes:,} bytes", flush=True)
 
+    if args.instructions:
+        import tempfile
+        work = tempfile.mkdtemp(prefix="estat-compression-")
+        big_path = os.path.join(work, "big.jsonl")
+        small_paths = [os.path.join(work, f"small-{i:02d}.jsonl") for i in range(len(small))]
+        for path, data in [(big_path, big), *zip(small_paths, small)]:
+            with open(path, "wb") as f:
+                f.write(data)
+        baselines = {}
+
+    variants = {name: join(make_events(5000, variant=name)) for name in VARIANTS}
+    ref_variants = {name: len(zlib.compress(data, 6, wbits=31)) for name, data in variants.items()}
     ref_big = len(zlib.compress(big, 6, wbits=31))
     ref_small = sum(len(zlib.compress(s, 6, wbits=31)) for s in small)
     rows = []
@@ -226,8 +287,24 @@ def main() -> int:
             "big_ratio": len(big) / size_big, "big_vs": 100.0 * size_big / ref_big,
             "small_ms_mb": [c * 1e3 / (small_bytes / 1e6) for c in cpu_small],
             "small_vs": 100.0 * size_small / ref_small,
+            "variants_vs": [100.0 * len(fn(data)) / ref_variants[name]
+                            for name, data in variants.items()],
         }
+        if args.instructions and library == "libdeflate" and level > 9:
+            row["big_ir"] = row["small_ir"] = None  # minutes under valgrind, and not offered
+        elif args.instructions:
+            if library not in baselines:
+                baselines[library] = (count_instructions(library, -1, [big_path]),
+                                      count_instructions(library, -1, small_paths))
+            base_big, base_small = baselines[library]
+            row["big_ir"] = (count_instructions(library, level, [big_path]) - base_big) \
+                / (len(big) / 1e6)
+            row["small_ir"] = (count_instructions(library, level, small_paths) - base_small) \
+                / (small_bytes / 1e6)
         rows.append(row)
+        if row.get("big_ir"):
+            print(f"{library:>10} {level:>2}  instructions/byte: 5000 {row['big_ir'] / 1e6:.1f}, "
+                  f"100 {row['small_ir'] / 1e6:.1f}", flush=True)
         print(f"{library:>10} {level:>2}  5000: {row['big_ms_mb'][0]:7.2f} ms/MB "
               f"{row['big_vs']:6.1f} %   100: {row['small_ms_mb'][0]:7.2f} ms/MB "
               f"{row['small_vs']:6.1f} %", flush=True)
@@ -278,7 +355,8 @@ def render(rows, gil_rows, args, big_len, small_bytes, small_count, sizes) -> st
         SECTION,
         "",
         f"`python bench/compression.py --runs {args.runs} --min-cpu {args.min_cpu} "
-        f"--small {args.small}` (also run by `make bench`), {time.strftime('%Y-%m-%d')}, "
+        f"--small {args.small}{' --instructions' if args.instructions else ''}` "
+        f"(`make bench` runs it without --instructions), {time.strftime('%Y-%m-%d')}, "
         f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs shared with other work. "
         f"Batches as the server stores them (make_line, server fields included): one "
         f"5,000-event batch of {big_len / 1e6:.2f} MB (lines {min(sizes)}-{max(sizes)} bytes, "
@@ -286,19 +364,51 @@ def render(rows, gil_rows, args, big_len, small_bytes, small_count, sizes) -> st
         f"{small_count} 100-event batches ({small_bytes / 1e6:.2f} MB). CPU is process time "
         f"per MB of input, the median (min-max) of {args.runs} runs; \"vs zlib 6\" is the "
         "compressed size over stdlib zlib level 6's (below 100 % is smaller). "
-        "Every output is one gzip member with MTIME 0 that zlib decompresses back.",
+        "Every output is one gzip member with MTIME 0 that zlib decompresses back. "
+        "Variants (sizes only, 5,000 events): "
+        + "; ".join(f"{name}: {text}" for name, text in VARIANTS.items()) + "."
+        + (" \"M instr/MB\" is millions of user-space instructions per MB of input counted "
+           "by valgrind (callgrind), which the shared machine's load does not disturb; it "
+           "is not time (instructions per cycle differ between libraries, and valgrind "
+           "may report fewer SIMD features than the CPU has)." if args.instructions else ""),
         "",
-        "| library | level | 5,000 events: CPU ms/MB | µs/event | ratio | vs zlib 6 "
-        "| 100 events: CPU ms/MB | vs zlib 6 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    ir = args.instructions
+    head = ["library", "level", "5,000 events: CPU ms/MB", "µs/event"]
+    head += ["M instr/MB"] if ir else []
+    head += ["ratio", "vs zlib 6", "100 events: CPU ms/MB"]
+    head += ["M instr/MB"] if ir else []
+    head += ["vs zlib 6"] + [f"vs zlib 6, variant {name}" for name in VARIANTS]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def count(value) -> str:
+        return "-" if value is None else f"{value / 1e6:.1f}"
+
     for r in rows:
-        lines.append(
-            f"| {r['library']} | {r['level']} | {spread(r['big_ms_mb'])} | {r['big_us_event']:.2f} "
-            f"| {r['big_ratio']:.2f} | {r['big_vs']:.1f} % | {spread(r['small_ms_mb'])} "
-            f"| {r['small_vs']:.1f} % |")
+        cells = [r["library"], str(r["level"]), spread(r["big_ms_mb"]), f"{r['big_us_event']:.2f}"]
+        cells += [count(r["big_ir"])] if ir else []
+        cells += [f"{r['big_ratio']:.2f}", f"{r['big_vs']:.1f} %", spread(r["small_ms_mb"])]
+        cells += [count(r["small_ir"])] if ir else []
+        cells += [f"{r['small_vs']:.1f} %"] + [f"{v:.1f} %" for v in r["variants_vs"]]
+        lines.append("| " + " | ".join(cells) + " |")
     mapping = ", ".join(f"{g}→{levels[g]}" for g in sorted(levels))
+    fit = sorted((r for r in rows if max(r["big_vs"], r["small_vs"], *r["variants_vs"]) <= 100.0),
+                 key=lambda r: r["big_ms_mb"][0])
+    near = [r for r in rows if r["big_vs"] <= 100.0 and r["small_vs"] <= 100.0 and r not in fit]
+
+    def candidate(r) -> str:
+        text = f"{r['library']} {r['level']} {r['big_ms_mb'][0]:.2f} ms/MB"
+        if r.get("big_ir"):
+            text += f" ({r['big_ir'] / 1e6:.1f} M instr/MB)"
+        return text + f" at {r['big_vs']:.1f} %"
+
     lines += [
+        "",
+        "At or below zlib 6's size on both batch sizes and both variants, cheapest first "
+        "(5,000-event batch): " + "; ".join(candidate(r) for r in fit[:5]) + "."
+        + (" At or below it on the main batches but over it on a variant: "
+           + "; ".join(f"{r['library']} {r['level']} (up to {max(r['variants_vs']):.1f} %)"
+                       for r in near) + "." if near else ""),
         "",
         f"Estat compresses with {library}; `GZIP_LEVEL` maps to its levels as {mapping}.",
         "",
