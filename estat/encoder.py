@@ -23,19 +23,24 @@ from .event import SERVER_FIELD, UnencodedEvent
 __all__ = ["LEVELS", "LIBRARY", "Batch", "EncodedObject", "content_md5", "encode_batch",
            "encode_object", "gzip_bytes"]
 
-#: What compresses: libdeflate, through the C{deflate} package.  On the
-#: benchmark's batches (bench/compression.py, bench/RESULTS.md "Compression")
-#: its level 6 takes about 0.6 of the CPU of zlib level 6 per MB and writes
-#: 5-7 % smaller objects; zlib-ng level 6 takes about the same CPU and is
-#: only 1-1.5 % smaller; ISA-L is faster still but 19-25 % larger at its
-#: best level, so it cannot keep zlib 6's size.
+#: What compresses: libdeflate, through the C{deflate} package.  Measured on
+#: the benchmark's batches (bench/compression.py; bench/RESULTS.md,
+#: "Compression"), level 6 against zlib level 6: 0.57 of its instructions
+#: per byte (0.5-0.7 of its CPU time, run to run) and 5.5-7.5 % smaller
+#: objects.  zlib-ng level 6 costs the same within the noise (2 % fewer
+#: instructions) but is only 1.4-1.9 % smaller, its levels 1 and 9 are larger
+#: than zlib's, and its maintainers do not keep its output the same from one
+#: platform to another (x86-64 vs arm64), which replays that overwrite an
+#: object with the same bytes would need.  ISA-L is 19-28 % larger than
+#: zlib 6 even at its best level.
 LIBRARY = f"libdeflate (deflate {deflate.__version__})"
 
 #: C{GZIP_LEVEL} -> libdeflate level.  The numbers keep their meaning: at
 #: each level 1-9 libdeflate gives smaller output than zlib at that level
-#: for less CPU (measured in bench/RESULTS.md).  libdeflate's levels 10-12
-#: (near-optimal parsing) cost 4-12 times level 9 for 1-3 % and are not
-#: offered.
+#: for less CPU.  Level 5 would cost 9 % fewer instructions than 6 but is
+#: within 1 % of zlib 6's size and over it on one shape of data, so the
+#: default stays 6.  libdeflate's levels 10-12 (near-optimal parsing) cost
+#: 6-12 times level 9 for 1-3 % and are not offered.
 LEVELS = {level: level for level in range(1, 10)}
 
 
