@@ -25,6 +25,7 @@ from .http.access import CorsPolicy, WriteKeys, read_keys_file
 from .http.routes import IngestAPI, Readiness
 from .http.body import Limits
 from .http.site import EstatSite, HTTPListenerService
+from .ingest import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue
@@ -147,17 +148,17 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
                     events_per_request=config.max_events_per_request)
     readiness = Readiness(ready=False)
-    api = IngestAPI(
-        queue=queue,
+    core = IngestCore(
+        admission=QueueAdmission(queue, retry_after=1),
         metrics=metrics,
         clock=reactor,
-        readiness=readiness,
         client_addresses=ClientAddressResolver(config.trusted_proxies,
                                                anonymize=config.ip_anonymize),
         limits=limits,
         write_keys=WriteKeys(keys),
         cors=CorsPolicy(config.cors_allowed_origins),
     )
+    api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness)
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -196,6 +197,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
     )
     service.api = api
+    service.core = core
     service.site = site
     return service
 
