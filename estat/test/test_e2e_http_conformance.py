@@ -148,14 +148,16 @@ def _dechunk(data: bytes, pos: int):
         pos += size + 2
 
 
-def parse_responses(data: bytes, closed: bool) -> tuple:
+def parse_responses(data: bytes, closed: bool, heads=frozenset()) -> tuple:
     """
     The complete responses at the start of C{data}, in order, and the
     bytes after them (an incomplete response, or anything that is not a
     response).  C{closed}: the server has closed, so a response without a
-    length ends with the data.
+    length ends with the data.  C{heads}: the indices of the final
+    responses that answer C{HEAD} requests (no body, whatever the length).
     """
     responses = []
+    final = 0
     pos = 0
     while True:
         end = data.find(b"\r\n\r\n", pos)
@@ -176,6 +178,10 @@ def parse_responses(data: bytes, closed: bool) -> tuple:
         start = end + 4
         if 100 <= status < 200 or status in (204, 304):
             body, pos, framing = b"", start, "none"
+        elif final in heads:
+            body, pos = b"", start
+            framing = ("chunked" if b"transfer-encoding" in names else
+                       "length" if b"content-length" in names else "none")
         elif b"transfer-encoding" in names:
             decoded = _dechunk(data, start)
             if decoded is None:
@@ -191,6 +197,8 @@ def parse_responses(data: bytes, closed: bool) -> tuple:
         else:
             break
         responses.append(Response(version, status, reason, tuple(headers), body, framing))
+        if not 100 <= status < 200:
+            final += 1
     return responses, data[pos:]
 
 
@@ -215,6 +223,8 @@ class Wire:
         self.send_failed = False
         self.opened_at = time.monotonic()
         self.closed_at = None
+        #: indices of the final responses that answer HEAD requests
+        self.heads: set = set()
 
     def __enter__(self) -> "Wire":
         return self
@@ -272,7 +282,7 @@ class Wire:
         return sent
 
     def parsed(self) -> tuple:
-        return parse_responses(self.received, self.closed)
+        return parse_responses(self.received, self.closed, self.heads)
 
     def until(self, predicate, timeout: float = PROMPT) -> list:
         """
@@ -594,6 +604,55 @@ def framing_attack(name: str, route: str, event_id: str) -> bytes:
     return request(method, target, headers, body, length=False)
 
 
+def _refusal_cases() -> dict:
+    """
+    C{{name: (statuses by route, make)}}: C{make(method, target,
+    event_id)} is a request refused before its end is known or reached
+    (the body not read, the head too large, the length absurd).  Whatever
+    follows it is the refused request's, never a request of its own.
+    """
+    json_type = b"Content-Type: application/json"
+
+    def over_limit(method, target, e):
+        # The request sent after it lies inside the declared body.
+        return request(method, target, [json_type, b"Content-Length: %d" % (
+            MAX_BATCH_BODY_SIZE + 1)], length=False)
+
+    def absurd_length(method, target, e):
+        return request(method, target, [json_type, b"Content-Length: " + b"9" * 30],
+                       length=False)
+
+    def absurd_chunk(method, target, e):
+        return request(method, target, [json_type, b"Transfer-Encoding: chunked"],
+                       b"f" * 20 + b"\r\n" + event_body(e) + b"\r\n0\r\n\r\n", length=False)
+
+    def big_head(method, target, e):
+        return request(method, target, [json_type, b"X-Big: " + b"v" * HEADERS_TOO_LARGE],
+                       event_body(e))
+
+    def long_target(method, target, e):
+        return request(method, target + b"?q=" + b"a" * TARGET_TOO_LONG, [json_type],
+                       event_body(e))
+
+    def preface(method, target, e):
+        return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    too_large = {"collect": (413,), "healthz": (405, 413)}
+    return {
+        "body over the limit": (too_large, over_limit),
+        "content-length past 2**64": ({"collect": (400, 413), "healthz": (400, 405, 413)},
+                                      absurd_length),
+        "chunk size past 2**64": ({"collect": (400, 413), "healthz": (400, 405, 413)},
+                                  absurd_chunk),
+        "header section over the limit": ({"collect": (431,), "healthz": (431,)}, big_head),
+        "target over the limit": ({"collect": (414,), "healthz": (414,)}, long_target),
+        "http/2 preface": ({"collect": (400, 505), "healthz": (400, 505)}, preface),
+    }
+
+
+REFUSALS = _refusal_cases()
+
+
 class TestFraming:
     """
     RFC 9112 sections 5-7: a request whose framing is invalid or
@@ -624,6 +683,20 @@ class TestFraming:
         responses, _ = server.exchange(framing_attack(name, route, attack_id)).parsed()
         assert len(responses) == 1, responses
         assert_json_error(responses[0], allowed)
+
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    @pytest.mark.parametrize("name", list(REFUSALS))
+    def test_nothing_after_a_refusal_is_served(self, server, name, route):
+        allowed, make = REFUSALS[name]
+        method, target = ROUTES[route]
+        attack_id, smuggled_id = new_id("attack"), new_id("smuggled")
+        server.never_store.update({attack_id, smuggled_id})
+        before = server.accepted()
+        wire = server.exchange(make(method, target, attack_id) + post_event(smuggled_id))
+        responses, rest = wire.parsed()
+        assert statuses(responses) in [[s] for s in allowed[route]], (responses, rest[:300])
+        assert rest == b"", (responses, rest[:300])
+        assert server.accepted() == before, "the smuggled or the refused request was accepted"
 
     def test_zz_nothing_refused_or_smuggled_is_stored(self, server):
         assert_stored_exactly(server)
@@ -798,6 +871,100 @@ class TestConnections:
         assert responses[7].json() == {"status": "ready"}
         assert wire.parsed()[1] == b""
         server.must_store.update(ids)
+
+    def test_head_is_answered_without_a_body(self, server):
+        """
+        HEAD among pipelined requests: its answer has no body, so the
+        next answer starts right after its head.
+        """
+        event_id = new_id("after-head")
+        with server.wire() as wire:
+            wire.heads = {0, 2}
+            wire.send(request(b"HEAD", OTHER) + request(b"GET", OTHER)
+                      + request(b"HEAD", b"/collect") + post_event(event_id))
+            responses = wire.responses(4)
+            assert statuses(responses) == [200, 200, 405, 202], responses
+            assert wire.is_open_after(0.3), (wire.parsed(), "more bytes after the answers")
+        assert responses[1].json() == {"status": "ok"}
+        assert responses[3].json() == {"accepted": 1}
+        server.must_store.add(event_id)
+
+    def test_deep_pipeline_across_routes(self, server):
+        """
+        100 requests in one write, alternating between the kinds of
+        route: 100 answers, in order.
+        """
+        ids = [new_id("deep") for _ in range(50)]
+        data = b"".join(post_event(i) + request(b"GET", OTHER) for i in ids)
+        before = server.accepted()
+        with server.wire() as wire:
+            wire.send(data)
+            responses = wire.responses(100, timeout=10)
+        assert statuses(responses) == [202, 200] * 50, statuses(responses)
+        server.must_store.update(ids)
+        events, requests = server.accepted()
+        assert (events - before[0], requests - before[1]) == (50, 50)
+
+    @pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
+    def test_chunked_body_at_the_limit(self, server, over):
+        """
+        A chunked NDJSON body of exactly MAX_BATCH_BODY_SIZE bytes is
+        accepted; one byte more is 413.
+        """
+        ids = [new_id("chunked-limit") for _ in range(64)]
+        lines = [json.dumps({"id": i, "pad": ""}).encode() for i in ids]
+        room = MAX_BATCH_BODY_SIZE + over - sum(len(line) + 1 for line in lines)
+        lines = [line[:-2] + b"p" * (room // 64 + (k < room % 64)) + b'"}'
+                 for k, line in enumerate(lines)]
+        body = b"\n".join(lines) + b"\n"
+        assert len(body) == MAX_BATCH_BODY_SIZE + over
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000])
+                          for i in range(0, len(body), 1000)) + b"0\r\n\r\n"
+        wire = server.exchange(request(b"POST", b"/collect", [
+            b"Content-Type: application/x-ndjson", b"Transfer-Encoding: chunked"], chunks,
+            length=False))
+        responses, rest = wire.parsed()
+        assert len(responses) == 1, (responses, rest[:200])
+        if over:
+            assert_json_error(responses[0], 413)
+            server.never_store.update(ids)
+        else:
+            assert statuses(responses) == [202], responses
+            assert responses[0].json() == {"accepted": 64}
+            server.must_store.update(ids)
+
+    VALID_VARIANTS = {
+        "lower-case field names": lambda body: (
+            b"POST /collect HTTP/1.1\r\nhost: estat.test\r\ncontent-type: application/json"
+            b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)),
+        "chunked in capitals": lambda body: (
+            b"POST /collect HTTP/1.1\r\nHost: estat.test\r\nContent-Type: application/json"
+            b"\r\nTransfer-Encoding: CHUNKED\r\n\r\n" + chunked(body)),
+        "whitespace around values": lambda body: (
+            b"POST /collect HTTP/1.1\r\nHost:estat.test\r\nContent-Type:\tapplication/json\t"
+            b"\r\nContent-Length:   %d   \r\n\r\n%s" % (len(body), body)),
+        "leading zeros in content-length": lambda body: (
+            b"POST /collect HTTP/1.1\r\nHost: estat.test\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 000%d\r\n\r\n%s" % (len(body), body)),
+        "obs-text and an empty value": lambda body: (
+            b"POST /collect HTTP/1.1\r\nHost: estat.test\r\nContent-Type: application/json"
+            b"\r\nUser-Agent: caf\xc3\xa9/1.0 \xff\r\nX-Empty:\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)),
+    }
+
+    @pytest.mark.parametrize("variant", list(VALID_VARIANTS))
+    def test_valid_variants_are_served(self, server, variant):
+        """
+        What RFC 9110/9112 allow and parsers sometimes get wrong: field
+        names and codings are case-insensitive, values may have optional
+        whitespace and obs-text, a length may have leading zeros.
+        """
+        event_id = new_id("variant")
+        with server.wire() as wire:
+            wire.send(self.VALID_VARIANTS[variant](event_body(event_id)) + request(b"GET", OTHER))
+            responses = wire.responses(2)
+        assert statuses(responses) == [202, 200], responses
+        server.must_store.add(event_id)
 
     def test_requests_split_into_single_bytes_are_served(self, server):
         """
@@ -1256,6 +1423,7 @@ class TestGracefulShutdown:
         in_flight_id, idle_id = new_id("in-flight"), new_id("idle-collect")
         body = event_body(in_flight_id)
         in_flight, idle_collect, idle_other = server.wire(), server.wire(), server.wire()
+        unused = server.wire()
         try:
             in_flight.send(request(b"POST", b"/collect", [
                 b"Content-Type: application/json", b"Content-Length: %d" % len(body)],
@@ -1270,7 +1438,8 @@ class TestGracefulShutdown:
             estat.wait_log("shutting down")
             assert idle_collect.wait_closed(PROMPT), "an idle /collect connection stayed open"
             assert idle_other.wait_closed(PROMPT), "an idle /healthz connection stayed open"
-            assert idle_collect.received == idle_other.received == b""
+            assert unused.wait_closed(PROMPT), "a connection never used stayed open"
+            assert idle_collect.received == idle_other.received == unused.received == b""
             assert not in_flight.closed, "the request in flight was cut off"
 
             in_flight.send(body)
@@ -1280,7 +1449,7 @@ class TestGracefulShutdown:
             assert responses[0].has_token(b"connection", b"close"), responses
             assert in_flight.wait_closed(PROMPT), "open after its answer during shutdown"
         finally:
-            for wire in (in_flight, idle_collect, idle_other):
+            for wire in (in_flight, idle_collect, idle_other, unused):
                 wire.close()
         assert estat.wait(30) == 0, estat.log_tail()
         ids = [e.get("id") for e in stored_events_local(estat.store_dir)]
