@@ -24,7 +24,8 @@ from .event import ClientAddressResolver
 from .http.access import CorsPolicy, WriteKeys, read_keys_file
 from .http.routes import IngestAPI, Readiness
 from .http.body import Limits
-from .http.site import EstatSite, HTTPListenerService
+from .http.protocol import FastHTTPFactory
+from .http.site import HTTPListenerService
 from .ingest import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
@@ -171,11 +172,22 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     def refused() -> None:
         metrics.http_connections_refused.inc()
 
-    site = EstatSite(api.resource(), max_body_size=limits.request_size,
-                     on_too_large=too_large, idle_timeout=config.http_idle_timeout,
-                     reactor=reactor, request_timeout=config.request_timeout,
-                     max_connections=config.max_connections,
-                     on_timeout=timed_out, on_refused=refused)
+    def protocol_error(reason: str) -> None:
+        metrics.http_requests_rejected.labels(reason).inc()
+
+    site = FastHTTPFactory(
+        routes={b"/collect": core.collect},
+        resource=api.resource(),
+        clock=reactor,
+        max_body_size=limits.request_size,
+        idle_timeout=config.http_idle_timeout,
+        request_timeout=config.request_timeout,
+        max_connections=config.max_connections,
+        on_too_large=too_large,
+        on_timeout=timed_out,
+        on_refused=refused,
+        on_protocol_error=protocol_error,
+    )
     metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
         endpoint=serverFromString(reactor, with_backlog(config.http_addr)),
