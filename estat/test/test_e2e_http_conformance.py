@@ -35,6 +35,7 @@ import time
 import attr
 import pytest
 
+from estat.http.protocol import MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_TARGET_BYTES
 from estat.test.harness import EstatProcess, LOOPBACK, stored_events_local, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,9 @@ ENV = {
 
 #: Far past any header-section or request-target limit a server may pick,
 #: and sizes a demanding client sends every day (big cookies, long
-#: referrers, beacon data in the query string) that must be served.
+#: referrers, beacon data in the query string) that must be served.  The
+#: server's own limits (MAX_HEADER_BYTES, MAX_HEADER_FIELDS,
+#: MAX_TARGET_BYTES) are tested at their edges too.
 HEADERS_TOO_LARGE = 64 * 1024
 TARGET_TOO_LONG = 32 * 1024
 HEADERS_SERVED = 8 * 1024
@@ -359,6 +362,26 @@ def request(method: bytes = b"GET", target: bytes = OTHER, headers=(), body: byt
     if length or (length is None and body):
         lines.append(b"Content-Length: %d" % len(body))
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def with_head_size(method: bytes, target: bytes, body: bytes, size: int) -> bytes:
+    """
+    A request whose head (request line to the empty line) is exactly
+    C{size} bytes, filled with fields of at most about 1000 bytes.
+    """
+    fields: list = []
+    while True:
+        data = request(method, target, [b"Content-Type: application/json", *fields], body)
+        missing = size - (len(data) - len(body))
+        if missing == 0:
+            return data
+        assert missing > 0, missing
+        name = b"X-Fill-%d: " % len(fields)
+        room = missing - len(name) - 2
+        if room >= 1:
+            fields.append(name + b"f" * min(room, 1000))
+        else:
+            fields[-1] += b"f" * missing
 
 
 def event_body(event_id: str) -> bytes:
@@ -795,6 +818,73 @@ class TestRequestLine:
         assert len(responses) == 1, (responses, rest[:200], wire.closed)
         assert_json_error(responses[0], 414)
         assert server.accepted() == before
+
+    @pytest.mark.parametrize("over", [False, True], ids=["under", "over"])
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    def test_header_section_limit_edge(self, server, route, over):
+        """
+        A header section 256 bytes under MAX_HEADER_BYTES is served on
+        both kinds of route (the hand-over to twisted.web must not refuse
+        what the protocol took); 256 bytes over is 431.
+        """
+        method, target = ROUTES[route]
+        event_id = new_id("header-edge")
+        body = event_body(event_id) if method == b"POST" else b""
+        data = with_head_size(method, target, body, MAX_HEADER_BYTES + (256 if over else -256))
+        with server.wire() as wire:
+            wire.send(data)
+            responses = wire.responses(1)
+        assert len(responses) == 1, (responses, wire.received[:300])
+        if over:
+            assert_json_error(responses[0], 431)
+            server.never_store.add(event_id)
+        else:
+            assert statuses(responses) == [202 if method == b"POST" else 200], responses
+            if method == b"POST":
+                server.must_store.add(event_id)
+
+    @pytest.mark.parametrize("over", [False, True], ids=["at the limit", "one over"])
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    def test_header_field_count_edge(self, server, route, over):
+        method, target = ROUTES[route]
+        event_id = new_id("fields-edge")
+        body = event_body(event_id) if method == b"POST" else b""
+        base = [b"Host", b"Content-Type", b"Content-Length"] if body else [b"Host"]
+        fields = [b"X-F%d: v" % i for i in range(MAX_HEADER_FIELDS - len(base) + over)]
+        data = request(method, target, [*fields, b"Content-Type: application/json"][
+            :len(fields) + (1 if body else 0)], body)
+        assert data.count(b"\r\n") - 2 == MAX_HEADER_FIELDS + over
+        with server.wire() as wire:
+            wire.send(data)
+            responses = wire.responses(1)
+        assert len(responses) == 1, (responses, wire.received[:300])
+        if over:
+            assert_json_error(responses[0], 431)
+            server.never_store.add(event_id)
+        else:
+            assert statuses(responses) == [202 if method == b"POST" else 200], responses
+            if method == b"POST":
+                server.must_store.add(event_id)
+
+    @pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one over"])
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    def test_target_limit_edge(self, server, route, over):
+        method, target = ROUTES[route]
+        event_id = new_id("target-edge")
+        body = event_body(event_id) if method == b"POST" else b""
+        long_target = target + b"?q="
+        long_target += b"a" * (MAX_TARGET_BYTES + over - len(long_target))
+        with server.wire() as wire:
+            wire.send(request(method, long_target, [b"Content-Type: application/json"], body))
+            responses = wire.responses(1)
+        assert len(responses) == 1, (responses, wire.received[:300])
+        if over:
+            assert_json_error(responses[0], 414)
+            server.never_store.add(event_id)
+        else:
+            assert statuses(responses) == [202 if method == b"POST" else 200], responses
+            if method == b"POST":
+                server.must_store.add(event_id)
 
     @pytest.mark.parametrize("route", sorted(ROUTES))
     def test_large_but_reasonable_headers_and_target_are_served(self, server, route):
