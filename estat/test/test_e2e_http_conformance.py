@@ -417,6 +417,12 @@ def assert_well_formed(response: Response) -> None:
         assert response.framing in ("length", "chunked"), (
             f"no Content-Length and not chunked: {response!r}")
         assert len(response.header_values(b"content-length")) <= 1, response
+    if response.status == 405:
+        # RFC 9110 15.5.6: a 405 lists the methods the target allows.
+        assert response.header(b"allow"), f"405 without Allow: {response!r}"
+    if response.status == 401:
+        # RFC 9110 15.5.2: a 401 names its challenge.
+        assert response.header(b"www-authenticate"), f"401 without WWW-Authenticate: {response!r}"
     if response.interim:
         return
     date = response.header(b"date")
@@ -976,6 +982,9 @@ class TestConnections:
             assert statuses(responses) == [200, 200, 405, 202], responses
             assert wire.is_open_after(0.3), (wire.parsed(), "more bytes after the answers")
         assert responses[1].json() == {"status": "ok"}
+        # RFC 9110 9.3.2: a length on HEAD is the length GET would have.
+        length = responses[0].header(b"content-length")
+        assert length is None or int(length) == len(responses[1].body), responses
         assert responses[3].json() == {"accepted": 1}
         server.must_store.add(event_id)
 
@@ -1402,6 +1411,8 @@ def _answers() -> dict:
                                                 TestConnections.UPGRADES["websocket"])),
         "connect refused": ((400, 405, 501), request(b"CONNECT", b"estat.test:443")),
         "http/2 preface": ((400, 505), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+        "unknown expectation": ((202, 417), post_event("answers-expect", headers=[
+            b"Expect: teapot"])),
         "unknown transfer coding": ((400, 501), request(
             b"POST", collect, [*json_type, b"Transfer-Encoding: x-smuggle"], b"{}",
             length=False)),
@@ -1439,6 +1450,38 @@ class TestAnswers:
         responses, rest = _slow_request(server.port).parsed()
         assert len(responses) == 1, (responses, rest)
         assert_json_error(responses[0], 408)
+
+
+class TestWriteKeyAnswers:
+    """
+    With write keys: a request without one is 401 with a challenge and a
+    JSON reason; with one, 202.
+    """
+
+    env = {"WRITE_KEYS": "conformance-key"}
+
+    @pytest.mark.parametrize("route", ["collect", "absolute-form"])
+    def test_401_names_its_challenge(self, server, route):
+        target = b"/collect" if route == "collect" else b"http://estat.test/collect"
+        event_id = new_id("no-key")
+        responses, rest = server.exchange(post_event(event_id, target)).parsed()
+        assert len(responses) == 1, (responses, rest)
+        assert_json_error(responses[0], 401)
+        server.never_store.add(event_id)
+
+    def test_key_accepted(self, server):
+        event_id = new_id("keyed")
+        with server.wire() as wire:
+            wire.send(post_event(event_id, headers=[b"Authorization: Bearer conformance-key"])
+                      + post_event(new_id("keyed"), headers=[b"X-Write-Key: wrong"]))
+            responses = wire.responses(2)
+        assert statuses(responses) == [202, 401], responses
+        for response in responses:
+            assert_well_formed(response)
+        server.must_store.add(event_id)
+
+    def test_zz_stored_exactly(self, server):
+        assert_stored_exactly(server)
 
 
 # --- MAX_CONNECTIONS ------------------------------------------------------------------------
