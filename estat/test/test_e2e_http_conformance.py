@@ -1004,6 +1004,33 @@ class TestConnections:
         events, requests = server.accepted()
         assert (events - before[0], requests - before[1]) == (50, 50)
 
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    def test_pipelined_burst_read_from_inside_a_head_is_served(self, server, route):
+        """
+        A read that starts inside one request's head, holds more than
+        16 KiB of complete requests and ends inside another head: no
+        request is too large, every one is served.
+        """
+        method, target = ROUTES[route]
+        ids = [new_id("burst") for _ in range(200)] if method == b"POST" else []
+        requests = ([post_event(i) for i in ids] if ids
+                    else [request(method, target) for _ in range(600)])
+        data = b"".join(requests)
+        assert 24 * 1024 < len(data) < 60 * 1024, len(data)  # one read of more than 16 KiB
+        with server.wire() as wire:
+            wire.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            inside_last_head = len(data) - len(requests[-1]) + 10
+            wire.send(data[:10])
+            time.sleep(0.2)
+            wire.send(data[10:inside_last_head])
+            time.sleep(0.2)
+            wire.send(data[inside_last_head:])
+            responses = wire.responses(len(requests), timeout=10)
+        expected = 202 if method == b"POST" else 200
+        assert statuses(responses) == [expected] * len(requests), (
+            len(responses), [r for r in responses if r.status != expected][:2])
+        server.must_store.update(ids)
+
     @pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
     def test_chunked_body_at_the_limit(self, server, over):
         """
