@@ -1031,6 +1031,48 @@ class TestConnections:
             len(responses), [r for r in responses if r.status != expected][:2])
         server.must_store.update(ids)
 
+    @pytest.mark.parametrize("route", ["collect", "metrics"])
+    def test_a_client_that_does_not_read_is_not_read_without_bound(self, server, route):
+        """
+        Pipelined requests from a client that never reads its answers:
+        once the answers back up, the server stops reading (the client's
+        sends stall) instead of holding ever more answers in memory.
+        """
+        one = (request(b"OPTIONS", b"/collect") if route == "collect"
+               else request(b"GET", b"/metrics"))
+        data = one * 1000
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # A small receive window: the answers back up at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((LOOPBACK, server.port))
+            sock.setblocking(False)
+            sent = offset = 0
+            started = last_progress = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if now - last_progress >= 2.0 or now - started >= 10.0:
+                    break
+                _, writable, _ = select.select([], [sock], [], 0.1)
+                if not writable:
+                    continue
+                try:
+                    n = sock.send(data[offset:offset + 65536])
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    raise AssertionError(f"the server ended a connection of valid pipelined "
+                                         f"requests after {sent} bytes: {e!r}") from None
+                sent += n
+                offset = (offset + n) % len(one)
+                last_progress = time.monotonic()
+            seconds = time.monotonic() - started
+        finally:
+            sock.close()
+        assert now - last_progress >= 2.0, (
+            f"the server read {sent} bytes ({sent // len(one)} requests) in {seconds:.1f}s "
+            f"from a client that read none of its answers, and was still reading")
+
     @pytest.mark.parametrize("over", [0, 1], ids=["at the limit", "one byte over"])
     def test_chunked_body_at_the_limit(self, server, over):
         """
