@@ -1178,6 +1178,61 @@ class TestConnections:
         if method == b"POST":
             server.must_store.add(event_id)
 
+    CLOSERS = {
+        "HTTP/1.1 close on collect": (202, lambda i: post_event(i, headers=[b"Connection: close"])),
+        "HTTP/1.1 close on healthz": (200, lambda i: request(b"GET", OTHER, [b"Connection: close"])),
+        "HTTP/1.0 on collect": (202, lambda i: post_event(i, version=b"HTTP/1.0")),
+        "HTTP/1.0 on healthz": (200, lambda i: request(b"GET", OTHER, version=b"HTTP/1.0")),
+    }
+
+    @pytest.mark.parametrize("closer", list(CLOSERS))
+    def test_a_request_after_the_last_answered_is_never_acted_on(self, server, closer):
+        """
+        Events pipelined after a request that ends the connection get no
+        answer, so they must not be accepted either (the client will send
+        them again).
+        """
+        expected, make = self.CLOSERS[closer]
+        first_id, after_id = new_id("closer"), new_id("after-close")
+        server.never_store.add(after_id)
+        before = server.accepted()
+        wire = server.exchange(make(first_id) + post_event(after_id) + post_event(new_id("x")))
+        responses, rest = wire.parsed()
+        assert statuses(responses) == [expected], (responses, rest[:200])
+        assert wire.closed
+        accepted = 1 if expected == 202 else 0
+        events, requests = server.accepted()
+        assert (events - before[0], requests - before[1]) == (accepted, accepted), (
+            "an event with no answer was accepted")
+        if expected == 202:
+            server.must_store.add(first_id)
+
+    @pytest.mark.parametrize("route", sorted(ROUTES))
+    def test_http10_keep_alive_pipeline_is_answered_or_not_acted_on(self, server, route):
+        """
+        HTTP/1.0 with keep-alive, pipelined: each event is either answered
+        or not accepted; never accepted without an answer.
+        """
+        method, target = ROUTES[route]
+        ka = [b"Connection: keep-alive"]
+        first_id, after_id = new_id("ka10-first"), new_id("ka10-after")
+        first = (post_event(first_id, headers=ka, version=b"HTTP/1.0") if method == b"POST"
+                 else request(method, target, ka, version=b"HTTP/1.0"))
+        before = server.accepted()
+        with server.wire() as wire:
+            wire.send(first + post_event(after_id, headers=ka, version=b"HTTP/1.0"))
+            responses = wire.responses(2)
+        answered = statuses(responses)
+        assert answered in ([202 if method == b"POST" else 200],
+                            [202 if method == b"POST" else 200, 202]), responses
+        events, _ = server.accepted()
+        answered_events = answered.count(202)
+        assert events - before[0] == answered_events, (
+            f"{events - before[0]} events accepted, {answered_events} answered")
+        if method == b"POST":
+            server.must_store.add(first_id)
+        (server.must_store if len(answered) == 2 else server.never_store).add(after_id)
+
     def test_keep_alive_reuse_across_routes(self, server):
         """
         One connection, request after request (not pipelined), switching
