@@ -488,6 +488,19 @@ class Server:
         m = self.estat.metrics()
         return m["events_accepted_total"], m["http_requests_accepted_total"]
 
+    def wait_responsive(self, timeout: float = 30.0) -> None:
+        """
+        Wait until C{/healthz} is answered within a second again (after a
+        test that left the server busy with a flood).
+        """
+        def answers() -> bool:
+            try:
+                return self.estat.get("/healthz", timeout=1.0)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(answers, timeout, 0.2, "the server to answer /healthz again")
+
     def stored_ids(self) -> list:
         """
         The ids of every stored event, once the store has caught up with
@@ -1069,6 +1082,8 @@ class TestConnections:
             seconds = time.monotonic() - started
         finally:
             sock.close()
+            # What it read of the flood may keep it busy a while.
+            server.wait_responsive()
         assert now - last_progress >= 2.0, (
             f"the server read {sent} bytes ({sent // len(one)} requests) in {seconds:.1f}s "
             f"from a client that read none of its answers, and was still reading")
