@@ -210,6 +210,21 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(headers[b"connection"], b"keep-alive")
         self.assertFalse(transport.disconnecting)
 
+    def test_http10_keep_alive_on_twisted_web_routes(self):
+        """
+        An HTTP/1.0 client that asks for keep-alive keeps its connection on
+        the twisted.web routes too: the answer has a length and says so.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                              b"POST /collect HTTP/1.0\r\nConnection: keep-alive\r\n"
+                              b"Content-Length: 2\r\n\r\n{}")
+        [(_, first, body), (status, second, _)] = parse_all(transport.value())
+        self.assertEqual((body, first[b"connection"], first[b"content-length"]),
+                         (b"page /healthz", b"keep-alive", b"13"))
+        self.assertEqual((status, second[b"connection"]), (202, b"keep-alive"))
+        self.assertFalse(transport.disconnecting)
+
     def test_head_has_no_body(self):
         [(status, headers, body)], _ = self.exchange(
             b"HEAD /collect HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -262,7 +277,7 @@ class ProtocolTests(SynchronousTestCase):
                            b"Upgrade: websocket\r\n\r\n", 400, "upgrade_refused")
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n", 400,
                            "upgrade_refused")
-        self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 405,
+        self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501,
                            "upgrade_refused")
 
     def test_http2_preface(self):
@@ -374,3 +389,48 @@ class ProtocolTests(SynchronousTestCase):
         first.makeConnection(StringTransport())
         self.assertIsNone(factory.buildProtocol(None))
         self.assertEqual(refused, [1])
+
+    def test_unread_answers_stop_reading(self):
+        """
+        A client that pipelines and never reads: once the transport's
+        buffer is full it pauses the protocol, which stops reading; reading
+        resumes when the buffer drains.
+        """
+        protocol, transport = self.connect()
+        self.assertIs(transport.producer, protocol)
+        protocol.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        protocol.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_nothing_after_a_closing_request_is_served(self):
+        """
+        Requests pipelined after one that ends the connection (HTTP/1.1
+        C{Connection: close}, HTTP/1.0, and HTTP/1.0 to a twisted.web
+        route) are never handled.
+        """
+        post = b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        for first in (b"POST /collect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Length: 2\r\n\r\n{}",
+                      b"POST /collect HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+                      b"GET /healthz HTTP/1.0\r\n\r\n"):
+            self.handled[:] = []
+            responses, transport = self.exchange(first + post)
+            self.assertEqual(len(responses), 1, first)
+            self.assertLessEqual(len(self.handled), 1, first)
+            self.assertTrue(transport.disconnecting, first)
+
+    def test_burst_across_heads_is_not_431(self):
+        """
+        One read that ends inside a header section after many pipelined
+        requests does not count those requests against the section.
+        """
+        post = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n"
+                + b"{" + b" " * 58 + b"}")
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /collect HTTP/1.1\r\nHo")
+        protocol.dataReceived(b"st: x\r\nContent-Length: 2\r\n\r\n{}" + post * 200
+                              + b"POST /collect HTTP/1.1\r\nHo")
+        protocol.dataReceived(b"st: x\r\nContent-Length: 2\r\n\r\n{}")
+        statuses = [s for s, _, _ in parse_all(transport.value())]
+        self.assertEqual(statuses, [202] * 202)
