@@ -1061,10 +1061,14 @@ class TestConnections:
             sock.connect((LOOPBACK, server.port))
             sock.setblocking(False)
             sent = offset = 0
+            stalled = False
             started = last_progress = time.monotonic()
             while True:
                 now = time.monotonic()
-                if now - last_progress >= 2.0 or now - started >= 10.0:
+                if now - last_progress >= 2.0:
+                    stalled = True
+                    break
+                if now - started >= 10.0:
                     break
                 _, writable, _ = select.select([], [sock], [], 0.1)
                 if not writable:
@@ -1074,6 +1078,11 @@ class TestConnections:
                 except BlockingIOError:
                     continue
                 except OSError as e:
+                    if time.monotonic() - last_progress >= 1.0:
+                        # It stopped reading, then dropped a client that
+                        # took no answers for its idle timeout: bounded.
+                        stalled = True
+                        break
                     raise AssertionError(f"the server ended a connection of valid pipelined "
                                          f"requests after {sent} bytes: {e!r}") from None
                 sent += n
@@ -1084,7 +1093,7 @@ class TestConnections:
             sock.close()
             # What it read of the flood may keep it busy a while.
             server.wait_responsive()
-        assert now - last_progress >= 2.0, (
+        assert stalled, (
             f"the server read {sent} bytes ({sent // len(one)} requests) in {seconds:.1f}s "
             f"from a client that read none of its answers, and was still reading")
 
