@@ -218,7 +218,8 @@ class IngestCore:
                     headers = (_JSON_HEADER,) + cors
                     if len(_ACCEPTED_HEADERS) < 256:
                         _ACCEPTED_HEADERS[cors] = headers
-                answer = Answer(202, headers, b'{"accepted":%d}' % count)
+                answer = Answer(202, headers, b'{"accepted":1}' if count == 1
+                                else b'{"accepted":%d}' % count)
                 metrics.http_request_duration.observe(self.clock.seconds() - received)
             else:
                 answer = self.refused(received, refusal, cors, count)

@@ -503,10 +503,20 @@ class FastHTTPProtocol(Protocol):
         def respond(answer: Answer) -> None:
             if factory.draining:
                 slot.close = True
-            slot.data = factory.render(answer, slot.close, keep_alive_10, head)
+            data = factory.render(answer, slot.close, keep_alive_10, head)
             pending = self._pending
             if pending and pending[0] is slot:
+                if len(pending) == 1 and not slot.close and not self._paused:
+                    # The common case: the only answer due, written at once.
+                    pending.clear()
+                    self.transport.write(data)
+                    if not self._in_message:
+                        self._idle(factory.clock.seconds())
+                    return
+                slot.data = data
                 self._flush()
+            else:
+                slot.data = data
 
         route(IngestRequest(method, self._path, self._query, self._headers, body, self.peer,
                             factory.clock.seconds()), respond)
