@@ -60,10 +60,14 @@ MAX_PIPELINED = 32
 _STATUS_LINES: dict = {}
 
 
+#: Reasons twisted.web's table lacks.
+_REASONS = {431: b"Request Header Fields Too Large"}
+
+
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     if line is None:
-        reason = RESPONSES.get(status, b"Unknown")
+        reason = _REASONS.get(status) or RESPONSES.get(status, b"Unknown")
         line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
     return line
 
@@ -612,7 +616,18 @@ class FastHTTPProtocol(Protocol):
             if slot.close or self.factory.draining:
                 self._close_after_answers()
                 return
+        if self._pending:
+            # Go on in the next reactor turn: a pipeline of /metrics
+            # requests must not keep every other connection waiting.
+            self._slow_busy = True
+            self.factory.clock.callLater(0, self._resume_after_slow)
+            return
         self._flush()
+
+    def _resume_after_slow(self) -> None:
+        self._slow_busy = False
+        if not self._broken:
+            self._flush()
 
     def _channel_closes(self) -> None:
         # The twisted.web channel decided the connection ends (HTTP/1.0,

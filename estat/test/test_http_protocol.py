@@ -166,6 +166,10 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.held[0](Answer(202, (), b"first"))
         self.assertEqual([b for _, _, b in parse_all(transport.value())],
+                         [b"first", b"page /a"])
+        # The answers after a twisted.web route go out in the next turn.
+        self.clock.advance(0)
+        self.assertEqual([b for _, _, b in parse_all(transport.value())],
                          [b"first", b"page /a", b"second"])
 
     def test_late_answer_after_disconnect_is_dropped(self):

@@ -425,3 +425,28 @@ class MoreHandlersTests(APITestsMixin, SynchronousTestCase):
     def test_other_paths_unchanged(self):
         self.assertEqual(self.request("GET", "/v1/nope")[0].code, 404)
         self.assertEqual(self.collect(b'{"e":1}')[0].code, 202)
+
+
+# --- the same tests through the httptools protocol ------------------------------------------
+
+from estat.test.fastpath import FastPathRequests  # noqa: E402
+
+
+class CollectFastPathTests(FastPathRequests, CollectTests):
+    """L{CollectTests} through L{estat.http.protocol}."""
+
+
+class RejectFastPathTests(FastPathRequests, RejectTests):
+    """L{RejectTests} through L{estat.http.protocol}."""
+
+
+class BatchFastPathTests(FastPathRequests, BatchTests):
+    """L{BatchTests} through L{estat.http.protocol}."""
+
+
+class ClientAddressFastPathTests(FastPathRequests, ClientAddressTests):
+    """L{ClientAddressTests} through L{estat.http.protocol}."""
+
+
+class OtherRoutesFastPathTests(FastPathRequests, OtherRoutesTests):
+    """L{OtherRoutesTests} through L{estat.http.protocol} (handed to Klein)."""
