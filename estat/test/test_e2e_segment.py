@@ -482,3 +482,42 @@ def test_sigterm_stores_queued_segment_messages(tmp_path):
         assert [e["event"] for e in raw] == ["collect-too"]
     finally:
         server.stop()
+
+
+def test_duckdb_sees_one_table_of_unique_messages(estat):
+    """
+    Last, over everything the tests above stored (all three SDKs, the
+    retries, the pixel): DuckDB reads SEGMENT_PREFIX as one Hive-partitioned
+    table, every message once, with its server fields, in the partition of
+    its receive time.
+    """
+    import duckdb
+
+    # One of each type of its own, so that the test also stands alone.
+    fields = {"track": {"event": "E"}, "group": {"groupId": "g"}, "alias": {"previousId": "p"}}
+    _post(estat, [{"type": kind, "userId": "duck", "messageId": f"duck-{kind}-{uuid.uuid4()}",
+                   **fields.get(kind, {})}
+                  for kind in ("track", "identify", "page", "screen", "group", "alias")])
+    drained(estat)
+    pattern = os.path.join(estat.store_dir, "segment", "**", "*.jsonl.gz")
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    try:
+        table = ("read_json(?, format = 'newline_delimited', hive_partitioning = true, "
+                 "union_by_name = true)")
+        total, unique, typed, timed = con.execute(
+            f"SELECT count(*), count(DISTINCT messageId), count(type), "
+            f"count(timestamp) FROM {table}", [pattern]).fetchone()
+        assert total >= 6 and total == unique == typed == timed, (total, unique, typed, timed)
+        # The partition is the receive hour of a batch's first message: a
+        # message is in its own hour's, or (a batch that spans the hour) in
+        # the hour before.
+        for dt, hour, received in con.execute(
+                f"SELECT CAST(dt AS VARCHAR), CAST(hour AS INTEGER), "
+                f"CAST(receivedAt AS VARCHAR) FROM {table}", [pattern]).fetchall():
+            start = datetime.datetime.fromisoformat(f"{dt}T{hour:02d}:00:00+00:00").timestamp()
+            assert start <= parse_time(received) < start + 7200, (dt, hour, received)
+        types = dict(con.execute(f"SELECT type, count(*) FROM {table} GROUP BY type",
+                                 [pattern]).fetchall())
+        assert set(types) == {"track", "identify", "page", "screen", "group", "alias"}, types
+    finally:
+        con.close()
