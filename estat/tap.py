@@ -24,7 +24,9 @@ from .event import ClientAddressResolver
 from .http.access import CorsPolicy, WriteKeys, read_keys_file
 from .http.routes import IngestAPI, Readiness
 from .http.body import Limits
-from .http.site import EstatSite, HTTPListenerService
+from .http.protocol import FastHTTPFactory
+from .http.site import HTTPListenerService
+from .ingest import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue
@@ -147,17 +149,17 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
                     events_per_request=config.max_events_per_request)
     readiness = Readiness(ready=False)
-    api = IngestAPI(
-        queue=queue,
+    core = IngestCore(
+        admission=QueueAdmission(queue, retry_after=1),
         metrics=metrics,
         clock=reactor,
-        readiness=readiness,
         client_addresses=ClientAddressResolver(config.trusted_proxies,
                                                anonymize=config.ip_anonymize),
         limits=limits,
         write_keys=WriteKeys(keys),
         cors=CorsPolicy(config.cors_allowed_origins),
     )
+    api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness)
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -170,11 +172,22 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     def refused() -> None:
         metrics.http_connections_refused.inc()
 
-    site = EstatSite(api.resource(), max_body_size=limits.request_size,
-                     on_too_large=too_large, idle_timeout=config.http_idle_timeout,
-                     reactor=reactor, request_timeout=config.request_timeout,
-                     max_connections=config.max_connections,
-                     on_timeout=timed_out, on_refused=refused)
+    def protocol_error(reason: str) -> None:
+        metrics.http_requests_rejected.labels(reason).inc()
+
+    site = FastHTTPFactory(
+        routes={b"/collect": core.collect},
+        resource=api.resource(),
+        clock=reactor,
+        max_body_size=limits.request_size,
+        idle_timeout=config.http_idle_timeout,
+        request_timeout=config.request_timeout,
+        max_connections=config.max_connections,
+        on_too_large=too_large,
+        on_timeout=timed_out,
+        on_refused=refused,
+        on_protocol_error=protocol_error,
+    )
     metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
         endpoint=serverFromString(reactor, with_backlog(config.http_addr)),
@@ -196,6 +209,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
     )
     service.api = api
+    service.core = core
     service.site = site
     return service
 

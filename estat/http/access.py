@@ -19,6 +19,7 @@ __all__ = ["CorsPolicy", "WriteKeys", "parse_list", "read_keys_file"]
 
 KEY_HEADER = b"x-write-key"
 KEY_QUERY = (b"write_key", b"key")
+_VARY = ((b"vary", b"Origin"),)
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -53,19 +54,19 @@ class WriteKeys:
 
     def presented(self, request) -> bytes | None:
         """
-        The key a request carries: C{X-Write-Key}, C{Authorization: Bearer},
-        or (for C{navigator.sendBeacon}, which cannot set headers) the
-        C{write_key} query parameter.
+        The key an L{estat.ingest.IngestRequest} carries: C{X-Write-Key},
+        C{Authorization: Bearer}, or (for C{navigator.sendBeacon}, which
+        cannot set headers) the C{write_key} query parameter.
         """
-        value = request.requestHeaders.getRawHeaders(KEY_HEADER)
+        headers = request.headers
+        value = headers.get(KEY_HEADER)
         if value:
-            return value[0].strip()
-        auth = request.requestHeaders.getRawHeaders(b"authorization")
-        if auth and auth[0][:7].lower() == b"bearer ":
-            return auth[0][7:].strip()
-        query = request.uri.split(b"?", 1)
-        if len(query) == 2:
-            args = parse_qs(query[1])
+            return value.split(b",", 1)[0].strip()
+        auth = headers.get(b"authorization")
+        if auth and auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        if request.query:
+            args = parse_qs(request.query)
             for name in KEY_QUERY:
                 if args.get(name):
                     return args[name][0]
@@ -74,7 +75,12 @@ class WriteKeys:
     def allows(self, request) -> bool:
         if not self.keys:
             return True
-        candidate = self.presented(request)
+        return self.matches(self.presented(request))
+
+    def matches(self, candidate: bytes | None) -> bool:
+        """
+        Whether C{candidate} is one of the keys, in constant time.
+        """
         if not candidate:
             return False
         ok = False
@@ -98,11 +104,14 @@ class CorsPolicy:
     def any_origin(self) -> bool:
         return "*" in self.origins
 
+    def __attrs_post_init__(self) -> None:
+        # The answers are the same for every request from one origin.
+        object.__setattr__(self, "_cache", {})
+
     def allowed_origin(self, request) -> bytes | None:
-        values = request.requestHeaders.getRawHeaders(b"origin")
-        if not values or not self.origins:
+        origin = request.headers.get(b"origin")
+        if not origin or not self.origins:
             return None
-        origin = values[0]
         if self.any_origin:
             return b"*"
         try:
@@ -111,24 +120,29 @@ class CorsPolicy:
             return None
         return origin if text in self.origins else None
 
-    def apply(self, request) -> None:
+    def headers(self, request) -> tuple:
         """
-        Add the CORS response headers for an allowed origin; nothing for
-        another.
+        The CORS response fields for an L{estat.ingest.IngestRequest}:
+        C{Vary: Origin} always, the allow fields for an allowed origin.
         """
         origin = self.allowed_origin(request)
-        request.setHeader(b"vary", b"Origin")
         if origin is None:
-            return
-        request.setHeader(b"access-control-allow-origin", origin)
-        request.setHeader(b"access-control-expose-headers", b"Retry-After")
+            return _VARY
+        cached = self._cache.get(origin)
+        if cached is None:
+            cached = _VARY + ((b"access-control-allow-origin", origin),
+                              (b"access-control-expose-headers", b"Retry-After"))
+            if len(self._cache) < 64:
+                self._cache[origin] = cached
+        return cached
 
-    def preflight(self, request) -> None:
-        self.apply(request)
+    def preflight_headers(self, request) -> tuple:
+        headers = self.headers(request)
         if self.allowed_origin(request) is None:
-            return
-        request.setHeader(b"access-control-allow-methods", b"POST, OPTIONS")
-        request.setHeader(
-            b"access-control-allow-headers",
-            b"Content-Type, Content-Encoding, X-Write-Key, Authorization")
-        request.setHeader(b"access-control-max-age", b"%d" % self.max_age)
+            return headers
+        return headers + (
+            (b"access-control-allow-methods", b"POST, OPTIONS"),
+            (b"access-control-allow-headers",
+             b"Content-Type, Content-Encoding, X-Write-Key, Authorization"),
+            (b"access-control-max-age", b"%d" % self.max_age),
+        )

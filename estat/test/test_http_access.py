@@ -10,24 +10,23 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.test.requesthelper import DummyRequest
 
 from estat.event import ClientAddressResolver
+from estat.ingest import IngestRequest
 from estat.http.access import CorsPolicy, WriteKeys, parse_list, read_keys_file
 
 
 def request(headers: dict | None = None, uri: bytes = b"/collect",
-            method: bytes = b"POST") -> DummyRequest:
-    r = DummyRequest([b"collect"])
-    r.method = method
-    r.uri = uri
-    for name, value in (headers or {}).items():
-        r.requestHeaders.setRawHeaders(name, [value])
-    return r
+            method: bytes = b"POST") -> IngestRequest:
+    path, _, query = uri.partition(b"?")
+    return IngestRequest(method=method, path=path, query=query,
+                         headers={k.lower(): v for k, v in (headers or {}).items()},
+                         body=b"", peer="127.0.0.1", received_at=0.0)
 
 
-def header(r: DummyRequest, name: bytes) -> list | None:
-    return r.responseHeaders.getRawHeaders(name)
+def header(headers: tuple, name: bytes) -> list | None:
+    values = [v for n, v in headers if n == name]
+    return values or None
 
 
 class WriteKeysTests(SynchronousTestCase):
@@ -149,22 +148,22 @@ class CorsPolicyTests(SynchronousTestCase):
 
     def test_allowed_origin_echoed(self):
         r = request({b"Origin": self.origin})
-        self.policy.apply(r)
-        self.assertEqual(header(r, b"access-control-allow-origin"), [self.origin])
-        self.assertEqual(header(r, b"vary"), [b"Origin"])
-        self.assertEqual(header(r, b"access-control-expose-headers"), [b"Retry-After"])
+        h = self.policy.headers(r)
+        self.assertEqual(header(h, b"access-control-allow-origin"), [self.origin])
+        self.assertEqual(header(h, b"vary"), [b"Origin"])
+        self.assertEqual(header(h, b"access-control-expose-headers"), [b"Retry-After"])
 
     def test_each_allowed_origin(self):
         r = request({b"Origin": b"https://other.example.com"})
-        self.policy.apply(r)
-        self.assertEqual(header(r, b"access-control-allow-origin"),
+        h = self.policy.headers(r)
+        self.assertEqual(header(h, b"access-control-allow-origin"),
                          [b"https://other.example.com"])
 
     def test_any_origin(self):
         policy = CorsPolicy(("*",))
         r = request({b"Origin": b"http://anything.test:8080"})
-        policy.apply(r)
-        self.assertEqual(header(r, b"access-control-allow-origin"), [b"*"])
+        h = policy.headers(r)
+        self.assertEqual(header(h, b"access-control-allow-origin"), [b"*"])
 
     def test_disallowed_origin(self):
         """
@@ -174,62 +173,62 @@ class CorsPolicyTests(SynchronousTestCase):
         for origin in (b"https://evil.example.com", b"https://app.example.com.evil.test",
                        b"http://app.example.com", b"null", b"https://app.example.com:8443"):
             r = request({b"Origin": origin})
-            self.policy.apply(r)
-            self.assertIsNone(header(r, b"access-control-allow-origin"), origin)
-            self.assertIsNone(header(r, b"access-control-expose-headers"), origin)
-            self.assertEqual(header(r, b"vary"), [b"Origin"], origin)
+            h = self.policy.headers(r)
+            self.assertIsNone(header(h, b"access-control-allow-origin"), origin)
+            self.assertIsNone(header(h, b"access-control-expose-headers"), origin)
+            self.assertEqual(header(h, b"vary"), [b"Origin"], origin)
 
     def test_no_origin_header(self):
         r = request()
-        self.policy.apply(r)
-        self.assertIsNone(header(r, b"access-control-allow-origin"))
-        self.assertEqual(header(r, b"vary"), [b"Origin"])
+        h = self.policy.headers(r)
+        self.assertIsNone(header(h, b"access-control-allow-origin"))
+        self.assertEqual(header(h, b"vary"), [b"Origin"])
 
     def test_no_origins_configured(self):
         r = request({b"Origin": self.origin})
-        CorsPolicy().apply(r)
-        self.assertIsNone(header(r, b"access-control-allow-origin"))
+        h = CorsPolicy().headers(r)
+        self.assertIsNone(header(h, b"access-control-allow-origin"))
 
     def test_non_ascii_origin(self):
         r = request({b"Origin": b"https://\xe9.example.com"})
-        self.policy.apply(r)
-        self.assertIsNone(header(r, b"access-control-allow-origin"))
+        h = self.policy.headers(r)
+        self.assertIsNone(header(h, b"access-control-allow-origin"))
 
     def test_preflight(self):
         r = request({b"Origin": self.origin,
                      b"Access-Control-Request-Method": b"POST",
                      b"Access-Control-Request-Headers": b"content-type,x-write-key"},
                     method=b"OPTIONS")
-        self.policy.preflight(r)
-        self.assertEqual(header(r, b"access-control-allow-origin"), [self.origin])
-        [methods] = header(r, b"access-control-allow-methods")
+        h = self.policy.preflight_headers(r)
+        self.assertEqual(header(h, b"access-control-allow-origin"), [self.origin])
+        [methods] = header(h, b"access-control-allow-methods")
         self.assertIn(b"POST", {m.strip() for m in methods.split(b",")})
-        [allowed] = header(r, b"access-control-allow-headers")
+        [allowed] = header(h, b"access-control-allow-headers")
         allowed = {h.strip().lower() for h in allowed.split(b",")}
         self.assertTrue({b"content-type", b"content-encoding", b"x-write-key",
                          b"authorization"} <= allowed, allowed)
-        self.assertEqual(header(r, b"access-control-max-age"), [b"86400"])
-        self.assertEqual(header(r, b"vary"), [b"Origin"])
+        self.assertEqual(header(h, b"access-control-max-age"), [b"86400"])
+        self.assertEqual(header(h, b"vary"), [b"Origin"])
 
     def test_preflight_max_age(self):
         r = request({b"Origin": self.origin}, method=b"OPTIONS")
-        CorsPolicy(("https://app.example.com",), max_age=600).preflight(r)
-        self.assertEqual(header(r, b"access-control-max-age"), [b"600"])
+        h = CorsPolicy(("https://app.example.com",), max_age=600).preflight_headers(r)
+        self.assertEqual(header(h, b"access-control-max-age"), [b"600"])
 
     def test_preflight_any_origin(self):
         r = request({b"Origin": b"http://localhost:3000"}, method=b"OPTIONS")
-        CorsPolicy(("*",)).preflight(r)
-        self.assertEqual(header(r, b"access-control-allow-origin"), [b"*"])
-        self.assertIsNotNone(header(r, b"access-control-allow-methods"))
-        self.assertIsNotNone(header(r, b"access-control-max-age"))
+        h = CorsPolicy(("*",)).preflight_headers(r)
+        self.assertEqual(header(h, b"access-control-allow-origin"), [b"*"])
+        self.assertIsNotNone(header(h, b"access-control-allow-methods"))
+        self.assertIsNotNone(header(h, b"access-control-max-age"))
 
     def test_preflight_disallowed_origin(self):
         r = request({b"Origin": b"https://evil.example.com"}, method=b"OPTIONS")
-        self.policy.preflight(r)
+        h = self.policy.preflight_headers(r)
         for name in (b"access-control-allow-origin", b"access-control-allow-methods",
                      b"access-control-allow-headers", b"access-control-max-age"):
-            self.assertIsNone(header(r, name), name)
-        self.assertEqual(header(r, b"vary"), [b"Origin"])
+            self.assertIsNone(header(h, name), name)
+        self.assertEqual(header(h, b"vary"), [b"Origin"])
 
 
 class AnonymizedClientAddressTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
+from estat.ingest import IngestCore, QueueAdmission
 from estat.http.routes import IngestAPI, Readiness
 from estat.metrics import SEED_METRIC_NAMES, Metrics
 from estat.queue import EventQueue
@@ -29,15 +30,15 @@ class APITestsMixin:
         self.queue = EventQueue(queue_size)
         self.metrics = Metrics(CollectorRegistry())
         self.readiness = Readiness()
-        self.api = IngestAPI(
-            queue=self.queue,
+        self.core = IngestCore(
+            admission=QueueAdmission(self.queue, retry_after=7),
             metrics=self.metrics,
             clock=self.clock,
-            readiness=self.readiness,
             client_addresses=ClientAddressResolver(
                 tuple(ipaddress.ip_network(n) for n in trusted)),
-            retry_after=7,
         )
+        self.api = IngestAPI(core=self.core, metrics=self.metrics, clock=self.clock,
+                             readiness=self.readiness)
         self.treq = StubTreq(self.api.resource())
         return self.api
 

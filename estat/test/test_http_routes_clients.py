@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
 from estat.http.access import CorsPolicy, WriteKeys
+from estat.ingest import IngestCore, QueueAdmission
 from estat.http.routes import IngestAPI
 from estat.metrics import Metrics
 from estat.queue import EventQueue
@@ -41,17 +42,17 @@ class ClientAPIMixin:
         self.clock.advance(NOW)
         self.queue = EventQueue(queue_size)
         self.metrics = Metrics(CollectorRegistry())
-        self.api = IngestAPI(
-            queue=self.queue,
+        self.core = IngestCore(
+            admission=QueueAdmission(self.queue, retry_after=3),
             metrics=self.metrics,
             clock=self.clock,
             client_addresses=ClientAddressResolver(
                 tuple(ipaddress.ip_network(n) for n in trusted), anonymize=anonymize),
-            retry_after=3,
             limits=limits or Limits(),
             write_keys=WriteKeys(keys),
             cors=CorsPolicy(origins, max_age=7200),
         )
+        self.api = IngestAPI(core=self.core, metrics=self.metrics, clock=self.clock)
         self.treq = StubTreq(self.api.resource())
         return self.api
 

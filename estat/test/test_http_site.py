@@ -1,8 +1,10 @@
 # -*- test-case-name: estat.test.test_http_site -*-
 """
-Tests for L{estat.http.site}: the site is driven byte by byte over
-L{StringTransport}s, the listener service with a fake endpoint and port
-and a L{Clock}.
+Tests for L{estat.http.site}'s listener service (with a fake endpoint and
+port and a L{Clock}) and for what L{estat.http.protocol}'s factory keeps of
+the old twisted.web site's promises on the routes it hands to twisted.web
+(body caps, no form parsing, graceful close), driven byte by byte over
+L{StringTransport}s.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from estat.http.site import EstatSite, HTTPListenerService
+from estat.http.protocol import FastHTTPFactory
+from estat.http.site import HTTPListenerService
 
 
 class RecordingResource(Resource):
@@ -79,9 +82,10 @@ class SiteTestsMixin:
         self.clock = Clock()
         self.resource = RecordingResource(hold=hold)
         self.too_large_calls = []
-        self.site = EstatSite(self.resource, max_body_size=max_body_size,
-                              on_too_large=lambda: self.too_large_calls.append(1),
-                              reactor=self.clock)
+        self.site = FastHTTPFactory(
+            routes={}, resource=self.resource, clock=self.clock,
+            max_body_size=max_body_size,
+            on_too_large=lambda: self.too_large_calls.append(1))
         return self.site
 
     def connect(self):
@@ -125,7 +129,7 @@ class BodyLimitTests(SiteTestsMixin, SynchronousTestCase):
         self.assertEqual(transport.value(), answered)
         self.assertEqual(self.too_large_calls, [1])
         self.assertEqual(self.resource.seen, [])
-        self.assertEqual(channel.requests[0].content.getvalue(), b"")
+        self.assertEqual(channel._body, [])
 
         self.assertFalse(transport.disconnected)
         self.clock.advance(1.0)
@@ -152,16 +156,14 @@ class BodyLimitTests(SiteTestsMixin, SynchronousTestCase):
         self.assertEqual(json.loads(body)["limit"], 10)
         self.assertEqual(self.too_large_calls, [1])
         self.assertTrue(transport.disconnecting)
-        request = channel.requests[0]
-        self.assertLessEqual(len(request.content.getvalue()), 10)
-        self.assertEqual(request.content.getvalue(), b"abcdefghij")
+        self.assertEqual(b"".join(channel._body), b"abcdefghij")
 
         answered = transport.value()
         channel.dataReceived(b"10\r\n" + b"z" * 16 + b"\r\n0\r\n\r\n")
         self.assertEqual(transport.value(), answered)
         self.assertEqual(self.too_large_calls, [1])
         self.assertEqual(self.resource.seen, [])
-        self.assertEqual(request.content.getvalue(), b"abcdefghij")
+        self.assertEqual(b"".join(channel._body), b"abcdefghij")
 
     def test_body_at_limit_accepted(self):
         """

@@ -1,0 +1,256 @@
+# -*- test-case-name: estat.test.test_ingest -*-
+"""
+The transport-neutral ingest core: what an HTTP request is goes in
+(L{IngestRequest}), what the answer is comes out (L{Answer}), and the
+events it carries are handed to an L{IAdmission}.
+
+Every rule of C{/collect} lives here once: the method, write keys, CORS,
+content decoding, JSON / arrays / NDJSON / C{text/plain}, the size and count
+limits, the server fields, the 400/401/405/413/415/503 bodies and the
+metrics.  The HTTP front ends (the fast protocol and the Klein routes in
+L{estat.http}) only frame requests and write answers; they decide nothing.
+
+Nothing here does I/O, touches the reactor or knows about twisted.web.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import attr
+import orjson
+from zope.interface import Interface, implementer
+
+from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
+from .http.access import CorsPolicy, WriteKeys
+from .http.body import BodyRejected, Limits, decode_content, decode_events
+from .metrics import Metrics
+from .queue import EventQueue
+
+__all__ = [
+    "Answer",
+    "IAdmission",
+    "IngestCore",
+    "IngestRequest",
+    "QueueAdmission",
+    "Refusal",
+    "error_answer",
+]
+
+JSON = b"application/json"
+_JSON_HEADER = (b"content-type", JSON)
+
+
+@attr.s(slots=True, frozen=True)
+class IngestRequest:
+    """
+    One HTTP request, as any front end received it.
+
+    @ivar headers: lower-case names to values; a field sent several times
+        has its values joined with C{b", "} (RFC 9110, 5.3).
+    @ivar body: as received: C{Content-Encoding} not yet undone.
+    @ivar peer: the socket peer's IP address.
+    @ivar received_at: clock seconds when the request was received.
+    """
+
+    method: bytes = attr.ib()
+    path: bytes = attr.ib()
+    query: bytes = attr.ib()
+    headers: dict = attr.ib()
+    body: bytes = attr.ib()
+    peer: str = attr.ib()
+    received_at: float = attr.ib()
+
+
+@attr.s(slots=True, frozen=True)
+class Answer:
+    """
+    What to answer: a status, header fields (lower-case names) and a body.
+    The front end adds the framing fields (C{Date}, C{Content-Length},
+    C{Connection}).
+    """
+
+    status: int = attr.ib()
+    headers: tuple = attr.ib()
+    body: bytes = attr.ib()
+
+
+@attr.s(slots=True, frozen=True)
+class Refusal:
+    """
+    Why events were not admitted: the answer is C{status} with
+    C{{"error": message}} and, when given, C{Retry-After}.
+
+    @ivar reason: the metric label (C{queue_full}, C{wal_full}, ...).
+    """
+
+    status: int = attr.ib()
+    reason: str = attr.ib()
+    message: str = attr.ib()
+    retry_after: int | None = attr.ib(default=None)
+
+
+class IAdmission(Interface):
+    """
+    Where accepted events go, and when they count as acknowledged: the
+    seam of the acknowledgement modes (C{ACK_MODE}).
+    """
+
+    def admit(events, done):
+        """
+        Take C{events}, a list of L{estat.event.QueuedEvent}.
+
+        Call C{done(None)} exactly once when they are admitted by this
+        mode's rule, or C{done(refusal)} with a L{Refusal}.  C{done} may be
+        called before C{admit} returns.
+        """
+
+
+@implementer(IAdmission)
+@attr.s(slots=True)
+class QueueAdmission:
+    """
+    C{ACK_MODE=memory}: admitted means on the bounded event queue.
+    """
+
+    queue: EventQueue = attr.ib()
+    retry_after: int = attr.ib(default=1)
+    _full: Refusal = attr.ib(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._full = Refusal(503, "queue_full", "event queue is full, retry later",
+                             self.retry_after)
+
+    def admit(self, events: list, done: Callable) -> None:
+        done(None if self.queue.offer(events) else self._full)
+
+
+def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Answer:
+    """
+    A JSON error answer: C{{"error": message, ...extra}}.
+    """
+    body = {"error": message}
+    body.update(extra)
+    return Answer(status, (_JSON_HEADER,) + headers, orjson.dumps(body))
+
+
+_ALLOW_POST = (b"allow", b"POST, OPTIONS")
+
+
+@attr.s
+class IngestCore:
+    """
+    The rules of C{POST /collect}.  L{collect} is a handler: an
+    L{IngestRequest} and a C{respond} callable that it calls exactly once
+    with the L{Answer}, at once or (when the admission waits for a disk or
+    the store) later.
+    """
+
+    admission = attr.ib()
+    metrics: Metrics = attr.ib()
+    clock = attr.ib()
+    client_addresses: ClientAddressResolver = attr.ib(factory=ClientAddressResolver)
+    limits: Limits = attr.ib(factory=Limits)
+    write_keys: WriteKeys = attr.ib(factory=WriteKeys)
+    cors: CorsPolicy = attr.ib(factory=CorsPolicy)
+
+    def collect(self, request: IngestRequest, respond: Callable[[Answer], None]) -> None:
+        method = request.method
+        if method == b"OPTIONS":
+            respond(Answer(204, self.cors.preflight_headers(request) + (_ALLOW_POST,), b""))
+            return
+        metrics = self.metrics
+        metrics.http_requests.inc()
+        received = request.received_at
+        cors = self.cors.headers(request)
+        if method != b"POST":
+            respond(self._reject(received, 405, "method_not_allowed", "use POST",
+                                 cors + (_ALLOW_POST,)))
+            return
+        if self.write_keys.required and not self.write_keys.allows(request):
+            respond(self._reject(received, 401, "unauthorized",
+                                 "a valid write key is required", cors))
+            return
+        headers = request.headers
+        body = request.body
+        items = ()
+        try:
+            encoding = headers.get(b"content-encoding")
+            if encoding:
+                body = decode_content(body, encoding, self.limits.body_size)
+            items, batch = decode_events(body, headers.get(b"content-type"), self.limits)
+            server_fields = {
+                "received_at": format_received_at(received),
+                "ip": self.client_addresses.resolve(
+                    request.peer, _forwarded_for(headers)),
+                "user_agent": _text(headers.get(b"user-agent")),
+            }
+            if batch:
+                events = self._batch_events(received, items, server_fields)
+            else:
+                obj, raw = items[0]
+                events = [(received, make_line(obj, server_fields, raw))]
+        except BodyRejected as e:
+            extra = {"index": e.index} if e.index is not None else {}
+            respond(self._reject(received, e.status, e.reason, e.message, cors,
+                                 events=max(1, e.count or len(items)), **extra))
+            return
+        count = len(events)
+
+        def admitted(refusal: Refusal | None) -> None:
+            if refusal is None:
+                metrics.http_requests_accepted.inc()
+                metrics.events_accepted.inc(count)
+                answer = Answer(202, (_JSON_HEADER,) + cors, b'{"accepted":%d}' % count)
+                metrics.http_request_duration.observe(self.clock.seconds() - received)
+            else:
+                answer = self.refused(received, refusal, cors, count)
+            respond(answer)
+
+        self.admission.admit(events, admitted)
+
+    def refused(self, received: float, refusal: Refusal, cors: tuple, count: int) -> Answer:
+        """
+        The answer to events the admission refused (and its metrics).
+        """
+        headers = cors
+        if refusal.retry_after is not None:
+            headers = headers + ((b"retry-after", b"%d" % refusal.retry_after),)
+        if refusal.reason == "queue_full":
+            self.metrics.http_requests_rejected_queue_full.inc()
+        return self._reject(received, refusal.status, refusal.reason, refusal.message,
+                            headers, events=count)
+
+    def _batch_events(self, received: float, items: list, server_fields: dict) -> list:
+        # Each element's own size is its line minus the server fields
+        # (orjson appends them as ',"_estat":{...}').
+        overhead = len(orjson.dumps(server_fields)) + len(SERVER_FIELD) + 4
+        limit = self.limits.event_size
+        events = []
+        for index, (obj, raw) in enumerate(items):
+            line = make_line(obj, server_fields, raw)
+            if type(line) is bytes and len(line) - overhead > limit:
+                raise BodyRejected(413, "too_large", f"an event may be at most {limit} bytes",
+                                   index)
+            events.append((received, line))
+        return events
+
+    def _reject(self, received: float, status: int, reason: str, message: str,
+                headers: tuple, events: int = 1, **extra) -> Answer:
+        self.metrics.http_requests_rejected.labels(reason).inc()
+        self.metrics.events_rejected.labels(reason).inc(events)
+        self.metrics.http_request_duration.observe(self.clock.seconds() - received)
+        return error_answer(status, message, headers, **extra)
+
+
+def _forwarded_for(headers: dict) -> list | None:
+    value = headers.get(b"x-forwarded-for")
+    if value is None:
+        return None
+    return [value.decode("latin-1")]
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace")

@@ -1,0 +1,192 @@
+# -*- test-case-name: estat.test.test_ingest -*-
+"""
+Tests for L{estat.ingest}: the rules of C{/collect} with no HTTP at all,
+an L{IngestRequest} in and an L{Answer} out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import orjson
+from prometheus_client import CollectorRegistry
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from estat.http.access import CorsPolicy, WriteKeys
+from estat.http.body import Limits
+from estat.ingest import IAdmission, IngestCore, IngestRequest, QueueAdmission, Refusal
+from estat.metrics import Metrics
+from estat.queue import EventQueue
+
+NOW = 1700000000.25
+
+
+def request(body: bytes = b'{"e":1}', method: bytes = b"POST", headers: dict | None = None,
+            query: bytes = b"", peer: str = "192.0.2.7") -> IngestRequest:
+    return IngestRequest(method=method, path=b"/collect", query=query,
+                         headers=headers if headers is not None
+                         else {b"content-type": b"application/json"},
+                         body=body, peer=peer, received_at=NOW)
+
+
+@implementer(IAdmission)
+class WaitingAdmission:
+    """
+    An admission that answers when the test says so (as the disk and
+    stored modes do).
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list = []
+
+    def admit(self, events, done) -> None:
+        self.waiting.append((events, done))
+
+
+class IngestCoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.queue = EventQueue(10)
+        self.metrics = Metrics(CollectorRegistry())
+        self.core = IngestCore(admission=QueueAdmission(self.queue, retry_after=4),
+                               metrics=self.metrics, clock=self.clock,
+                               limits=Limits(event_size=100, body_size=1000,
+                                             events_per_request=5),
+                               cors=CorsPolicy(("https://app.example",)))
+
+    def answer(self, req: IngestRequest, core: IngestCore | None = None):
+        answers = []
+        (core or self.core).collect(req, answers.append)
+        self.assertEqual(len(answers), 1)
+        return answers[0]
+
+    def sample(self, name: str, **labels):
+        return self.metrics.registry.get_sample_value(name, labels)
+
+    def test_queue_admission_provides(self):
+        self.assertTrue(verifyObject(IAdmission, QueueAdmission(self.queue)))
+
+    def test_accepted(self):
+        """
+        One object: 202 with the count, the event queued with its server
+        fields, the metrics counted.
+        """
+        answer = self.answer(request(headers={b"content-type": b"application/json",
+                                              b"user-agent": b"agent/1"}))
+        self.assertEqual((answer.status, answer.body), (202, b'{"accepted":1}'))
+        self.assertIn((b"content-type", b"application/json"), answer.headers)
+        self.assertIn((b"vary", b"Origin"), answer.headers)
+        [(received, line)] = self.queue.take(10)
+        self.assertEqual(received, NOW)
+        self.assertEqual(orjson.loads(line), {
+            "e": 1, "_estat": {"received_at": "2023-11-14T22:13:20.250Z",
+                               "ip": "192.0.2.7", "user_agent": "agent/1"}})
+        self.assertEqual(self.sample("http_requests_accepted_total"), 1)
+        self.assertEqual(self.sample("events_accepted_total"), 1)
+
+    def test_batch_gzip(self):
+        body = gzip.compress(b'[{"a":1},{"a":2},{"a":3}]')
+        answer = self.answer(request(body, headers={b"content-encoding": b"gzip"}))
+        self.assertEqual((answer.status, answer.body), (202, b'{"accepted":3}'))
+        self.assertEqual([orjson.loads(line)["a"] for _, line in self.queue.take(10)],
+                         [1, 2, 3])
+
+    def test_ndjson(self):
+        answer = self.answer(request(b'{"a":1}\n{"a":2}\n',
+                                     headers={b"content-type": b"application/x-ndjson"}))
+        self.assertEqual(answer.body, b'{"accepted":2}')
+
+    def test_queue_full(self):
+        """
+        A full queue refuses the whole request: 503, C{Retry-After}, the
+        reason counted with every event.
+        """
+        self.queue.offer([(NOW, b"x")] * 9)
+        answer = self.answer(request(b'[{"a":1},{"a":2}]'))
+        self.assertEqual(answer.status, 503)
+        self.assertIn((b"retry-after", b"4"), answer.headers)
+        self.assertEqual(json.loads(answer.body), {"error": "event queue is full, retry later"})
+        self.assertEqual(self.sample("http_requests_rejected_queue_full_total"), 1)
+        self.assertEqual(self.sample("events_rejected_total", reason="queue_full"), 2)
+
+    def test_refusals(self):
+        """
+        Each refusal has its status and a short JSON reason.
+        """
+        cases = [
+            (request(method=b"GET"), 405, "method_not_allowed"),
+            (request(b"{nope"), 400, "invalid_json"),
+            (request(b"[]"), 400, "empty_batch"),
+            (request(b'{"x":"' + b"a" * 200 + b'"}'), 413, "too_large"),
+            (request(b"[" + b",".join([b"{}"] * 6) + b"]"), 413, "too_many_events"),
+            (request(b"x", headers={b"content-encoding": b"br"}), 415, "unsupported_encoding"),
+            (request(b'{"_estat":1}'), 400, "reserved_field"),
+        ]
+        for req, status, reason in cases:
+            answer = self.answer(req)
+            self.assertEqual(answer.status, status, reason)
+            self.assertIn("error", json.loads(answer.body), reason)
+            self.assertEqual(self.sample("http_requests_rejected_total", reason=reason), 1,
+                             reason)
+        self.assertEqual(self.queue.take(10), [])
+        self.assertEqual(self.sample("http_requests_total"), len(cases))
+
+    def test_405_allow(self):
+        answer = self.answer(request(method=b"PUT"))
+        self.assertIn((b"allow", b"POST, OPTIONS"), answer.headers)
+
+    def test_write_keys(self):
+        core = IngestCore(admission=QueueAdmission(self.queue), metrics=self.metrics,
+                          clock=self.clock, write_keys=WriteKeys(["k1"]))
+        self.assertEqual(self.answer(request(), core).status, 401)
+        ok = request(headers={b"x-write-key": b"k1"})
+        self.assertEqual(self.answer(ok, core).status, 202)
+        self.assertEqual(self.answer(request(query=b"write_key=k1"), core).status, 202)
+        self.assertEqual(self.answer(request(query=b"write_key=k2"), core).status, 401)
+
+    def test_preflight(self):
+        """
+        OPTIONS answers 204 with the CORS preflight fields, counts no
+        request and queues nothing.
+        """
+        answer = self.answer(request(b"", method=b"OPTIONS",
+                                     headers={b"origin": b"https://app.example"}))
+        self.assertEqual((answer.status, answer.body), (204, b""))
+        headers = dict(answer.headers)
+        self.assertEqual(headers[b"access-control-allow-origin"], b"https://app.example")
+        self.assertEqual(headers[b"access-control-max-age"], b"86400")
+        self.assertEqual(self.sample("http_requests_total"), 0)
+
+    def test_forwarded_for(self):
+        """
+        The client address comes from the resolver: the peer, since no
+        proxy is trusted.
+        """
+        self.answer(request(headers={b"x-forwarded-for": b"203.0.113.9"}))
+        [(_, line)] = self.queue.take(10)
+        self.assertEqual(orjson.loads(line)["_estat"]["ip"], "192.0.2.7")
+
+    def test_answer_waits_for_admission(self):
+        """
+        With an admission that waits (disk or stored mode), the answer comes
+        when it says so: 202 once admitted, its refusal otherwise.
+        """
+        admission = WaitingAdmission()
+        core = IngestCore(admission=admission, metrics=self.metrics, clock=self.clock)
+        answers = []
+        core.collect(request(b'[{"a":1},{"a":2}]'), answers.append)
+        core.collect(request(), answers.append)
+        self.assertEqual(answers, [])
+        [(events, done1), (_, done2)] = admission.waiting
+        self.assertEqual(len(events), 2)
+        done1(None)
+        done2(Refusal(503, "wal_full", "the write-ahead log is full", 2))
+        self.assertEqual([a.status for a in answers], [202, 503])
+        self.assertIn((b"retry-after", b"2"), answers[1].headers)
+        self.assertEqual(self.sample("events_accepted_total"), 2)
+        self.assertEqual(self.sample("events_rejected_total", reason="wal_full"), 1)
