@@ -160,6 +160,13 @@ def _origin_list(text: str) -> tuple:
     return tuple(o.rstrip("/") for o in origins)
 
 
+def _ack_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("memory", "disk", "stored"):
+        raise ValueError("must be 'memory', 'disk' or 'stored'")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -268,6 +275,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_TIMEOUT", "30s", _positive_duration, "a request's headers and body must arrive within this (answer: 408)"),
     Setting("MAX_CONNECTIONS", "5000", _positive_int, "open HTTP connections beyond this are closed at once"),
     Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
+    # Acknowledgement modes (what a 202 promises).
+    Setting("ACK_MODE", "memory", _ack_mode, "when a 202 is sent: memory (queued), disk (in the write-ahead log, fdatasync'd) or stored (in the store or the DLQ)"),
+    Setting("WAL_DIR", "/tmp/wal", _non_empty_string, "directory of the write-ahead log (ACK_MODE=disk); one process per directory"),
+    Setting("WAL_MAX_SIZE_BYTES", "1073741824", _positive_int, "size cap of the write-ahead log; beyond it POSTs get 503"),
+    Setting("WAL_SEGMENT_SIZE_BYTES", "16777216", _positive_int, "the write-ahead log starts a new segment file at this size"),
+    Setting("ACK_MAX_WAITING", "10000", _positive_int, "requests that may wait for their acknowledgement at once (ACK_MODE=stored); beyond, 503"),
 )
 
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -312,6 +325,11 @@ class Config:
     request_timeout: float = attr.ib()
     max_connections: int = attr.ib()
     log_format: str = attr.ib()
+    ack_mode: str = attr.ib(default="memory")
+    wal_dir: str = attr.ib(default="/tmp/wal")
+    wal_max_size_bytes: int = attr.ib(default=1073741824)
+    wal_segment_size_bytes: int = attr.ib(default=16777216)
+    ack_max_waiting: int = attr.ib(default=10000)
 
     @classmethod
     def defaults(cls, **overrides: Any) -> "Config":

@@ -160,6 +160,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         cors=CorsPolicy(config.cors_allowed_origins),
     )
     api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness)
+    wal, replays, settle = _ack_mode(config, core, queue, batcher, uploader, metrics, reactor,
+                                     run_in_thread)
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -194,6 +196,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         site=site,
         clock=reactor,
         grace=min(5.0, config.shutdown_timeout / 4),
+        settle=settle,
     )
     service = EstatService(
         http=http,
@@ -207,11 +210,45 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         clock=reactor,
         shutdown_timeout=config.shutdown_timeout,
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
+        wal=wal,
+        replays=replays,
     )
     service.api = api
     service.core = core
     service.site = site
     return service
+
+
+def _ack_mode(config: Config, core: IngestCore, queue: EventQueue, batcher: Batcher,
+              uploader: Uploader, metrics: Metrics, reactor, run_in_thread):
+    """
+    Wire C{ACK_MODE}: the admission of the C{/collect} stream, and for
+    C{disk} the write-ahead log.  Returns C{(wal, replays, settle)}.
+    C{memory} leaves the core's L{QueueAdmission} and adds nothing.
+    """
+    if config.ack_mode == "disk":
+        from .wal.admission import WalAdmission
+        from .wal.log import WriteAheadLog
+
+        wal = WriteAheadLog(
+            directory=config.wal_dir, metrics=metrics, clock=reactor,
+            call_from_thread=reactor.callFromThread, run_in_thread=run_in_thread,
+            segment_size=config.wal_segment_size_bytes, max_bytes=config.wal_max_size_bytes)
+        admission = WalAdmission(wal=wal, queue=queue, upload=uploader.upload,
+                                 key_maker=batcher.key_maker, metrics=metrics,
+                                 replay_concurrency=config.max_pending_batches)
+        core.admission = admission
+        batcher.sink = admission.sink
+        return wal, [lambda recovered: admission.replay(recovered, batcher)], None
+    if config.ack_mode == "stored":
+        from .wal.admission import StoredAdmission
+
+        admission = StoredAdmission(queue=queue, upload=uploader.upload, metrics=metrics,
+                                    max_waiting=config.ack_max_waiting)
+        core.admission = admission
+        batcher.sink = admission.sink
+        return None, [], batcher.drain
+    return None, [], None
 
 
 def _exit_zero_after_signal(reactor) -> None:
@@ -247,5 +284,15 @@ def makeService(options, reactor=None) -> EstatService:
     if reactor is None:
         from twisted.internet import reactor
     service = build_service(options.config, reactor)
+    if service.wal is not None:
+        from .wal.files import WalInUse
+
+        try:
+            # Now, so that a second process on one WAL_DIR stops with one
+            # clear line rather than a traceback.
+            service.wal.privilegedStartService()
+        except (WalInUse, OSError) as e:
+            sys.stderr.write(f"estat: {e}\n")
+            raise SystemExit(2)
     tune_interpreter()
     return service

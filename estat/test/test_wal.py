@@ -261,8 +261,8 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         wal = self.make_wal()
         self.start(wal)
         done = []
-        self.assertEqual(wal.append("raw", events(2), done.append), 0)
-        self.assertEqual(wal.append("raw", events(3), done.append), 2)
+        self.assertIsNone(wal.log_events("raw", events(2), done.append))
+        self.assertIsNone(wal.log_events("raw", events(3), done.append))
         self.assertEqual(done, [])
         wal.committers[0].flush()
         self.assertEqual(done, [None, None])
@@ -281,7 +281,7 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         self.start(wal)
         committer = wal.committers[0]
         for i in range(3):
-            wal.append("raw", events(2, f"r{i}"), lambda e: None)
+            wal.log_events("raw", events(2, f"r{i}"), lambda e: None)
             committer.flush()
         self.assertGreater(len(list_segments(self.directory)), 1)
         first, last = wal.seal("raw", 6)
@@ -300,7 +300,7 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         wal = self.make_wal()
         self.start(wal)
         for i in range(3):
-            wal.append("raw", events(2, f"r{i}"), lambda e: None)
+            wal.log_events("raw", events(2, f"r{i}"), lambda e: None)
         wal.committers[0].flush()
         one = wal.seal("raw", 3)
         two = wal.seal("raw", 3)
@@ -313,8 +313,8 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
     def test_streams_share_the_mark(self) -> None:
         wal = self.make_wal()
         self.start(wal)
-        wal.append("raw", events(2), lambda e: None)
-        wal.append("segment", events(2), lambda e: None)
+        wal.log_events("raw", events(2), lambda e: None)
+        wal.log_events("segment", events(2), lambda e: None)
         wal.committers[0].flush()
         wal.batch_done("raw", wal.seal("raw", 2)[0])
         self.assertEqual(wal.low_water(), 2)
@@ -327,33 +327,37 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         wal = self.make_wal(sync=broken)
         self.start(wal)
         done = []
-        wal.append("raw", events(1), done.append)
+        self.assertIsNone(wal.log_events("raw", events(1), done.append))
         with capturedLogs() as logged:
             wal.committers[0].flush()
         [error] = done
         self.assertIsInstance(error, OSError)
-        self.assertEqual(wal.refusal(10), "wal_failed")
+        self.assertEqual(wal.refusal(), "wal_failed")
+        self.assertEqual(wal.log_events("raw", events(1), done.append), "wal_failed")
         self.assertEqual(self.sample("wal_failed"), 1)
         self.assertTrue(any("failed" in str(e.get("log_format")) for e in logged))
 
     def test_full(self) -> None:
-        self.max_bytes = 300
+        self.max_bytes = 200
         wal = self.make_wal()
-        self.assertEqual(wal.refusal(10), None if wal.is_open else "wal_starting")
         self.start(wal)
-        self.assertIsNone(wal.refusal(100))
-        wal.append("raw", events(3), lambda e: None)
-        self.assertEqual(wal.refusal(200), "wal_full")
+        self.assertIsNone(wal.log_events("raw", events(3), lambda e: None))
+        self.assertEqual(wal.log_events("raw", events(6), lambda e: None), "wal_full")
         self.assertEqual(self.sample("wal_full_refusals_total"), 1)
+        # Nothing of the refused request was logged or numbered.
+        self.assertIsNone(wal.log_events("raw", events(1), lambda e: None))
+        wal.committers[0].flush()
+        self.assertEqual(wal.seal("raw", 4), (0, 3))
 
     def test_starting(self) -> None:
         runner = DeferredThreadRunner()
         wal = self.make_wal(run_in_thread=runner)
         self.start(wal)
-        self.assertEqual(wal.refusal(1), "wal_starting")
+        self.assertEqual(wal.refusal(), "wal_starting")
+        self.assertEqual(wal.log_events("raw", events(1), lambda e: None), "wal_starting")
         with capturedLogs():
             runner.run_all()
-        self.assertIsNone(wal.refusal(1))
+        self.assertIsNone(wal.refusal())
 
 
 class ReplayKeyTests(WalMixin, SynchronousTestCase):
@@ -366,8 +370,8 @@ class ReplayKeyTests(WalMixin, SynchronousTestCase):
         wal = self.make_wal()
         self.start(wal)
         evs = events(5) + [(START, UnencodedEvent({"big": 2 ** 80}, b'{"big":1}'))]
-        wal.append("raw", evs[:2], lambda e: None)
-        wal.append("raw", evs[2:], lambda e: None)
+        wal.log_events("raw", evs[:2], lambda e: None)
+        wal.log_events("raw", evs[2:], lambda e: None)
         wal.committers[0].flush()
         first, last = wal.seal("raw", 4)
         keys = KeyMaker("raw", "raw_dlq", "host-1")
@@ -405,7 +409,7 @@ class ReplayKeyTests(WalMixin, SynchronousTestCase):
         """
         wal = self.make_wal()
         self.start(wal)
-        wal.append("raw", events(3), lambda e: None)
+        wal.log_events("raw", events(3), lambda e: None)
         wal.committers[0].flush()
         os.close(wal._lock_fd)
         wal._lock_fd = None
@@ -413,7 +417,8 @@ class ReplayKeyTests(WalMixin, SynchronousTestCase):
         again = self.make_wal()
         self.start(again)
         self.assertEqual(again.recovered.events, 3)
-        self.assertEqual(again.append("raw", events(1), lambda e: None), 3)
+        self.assertIsNone(again.log_events("raw", events(1), lambda e: None))
+        self.assertEqual(again.low_water(), 0)
         self.assertEqual(again.committers[0].segment, 1)
         # The replayed events hold the mark until their batch has a fate.
         again.committers[0].flush()

@@ -250,34 +250,39 @@ class WriteAheadLog(Service):
     def is_open(self) -> bool:
         return self._committer is not None
 
-    def refusal(self, size: int) -> str | None:
+    def refusal(self) -> str | None:
         """
-        Why C{size} more bytes cannot be logged now, or C{None}:
-        C{"wal_starting"}, C{"wal_failed"} or C{"wal_full"}.
+        Why nothing can be logged now, or C{None}: C{"wal_starting"} or
+        C{"wal_failed"}.
         """
         if self.failed is not None:
             return "wal_failed"
         if self._committer is None:
             return "wal_starting"
-        if self._bytes + self._pending_bytes + size > self.max_bytes:
-            self.metrics.wal_full_refusals.inc()
-            return "wal_full"
         return None
 
-    def append(self, stream: str, events: list, callback: Callable) -> int:
+    def log_events(self, stream: str, events: list, callback: Callable) -> str | None:
         """
-        Log C{events} of C{stream}; C{callback(error)} once durable (C{error}
-        C{None}) or not.  Call L{refusal} first.
+        Log C{events} of C{stream}; C{callback(error)} is called once they
+        are durable (C{error} is C{None}) or could not be made so.
 
-        @return: the sequence number of the first event.
+        @return: C{None}, or why they were not logged (L{refusal}, or
+            C{"wal_full"}: they would take the log past C{max_bytes}); the
+            callback is then never called.
         """
+        why = self.refusal()
+        if why is not None:
+            return why
         seq = self._next_seq
+        data = encode_events(stream, seq, events)
+        if self._bytes + self._pending_bytes + len(data) > self.max_bytes:
+            self.metrics.wal_full_refusals.inc()
+            return "wal_full"
         self._next_seq = seq + len(events)
         self._stream(stream).ledger.append(seq, len(events))
-        data = encode_events(stream, seq, events)
         self._pending_bytes += len(data)
         self._committer.submit(data, seq + len(events) - 1, callback)
-        return seq
+        return None
 
     def seal(self, stream: str, count: int) -> tuple[int, int]:
         """

@@ -1,0 +1,276 @@
+"""
+Tests for the acknowledgement modes: L{WalAdmission} (ACK_MODE=disk) and
+L{StoredAdmission} (ACK_MODE=stored), each with the real batcher and
+uploader over in-memory fakes, on a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from estat.batcher import Batcher
+from estat.ingest import IAdmission, Refusal
+from estat.interfaces import StoreError
+from estat.keys import KeyMaker
+from estat.metrics import Metrics
+from estat.queue import EventQueue
+from estat.test.harness import temp_dir
+from estat.testing import ManualCommitter, MemoryDeadLetterQueue, MemoryObjectStore, \
+    read_lines, run_synchronously
+from estat.uploader import Uploader
+from estat.wal.admission import StoredAdmission, WalAdmission
+from estat.wal.files import list_segments, read_checkpoint
+from estat.wal.log import WriteAheadLog
+
+START = 1_764_000_000.0
+
+
+def events(n: int, tag: str = "e") -> list:
+    return [(START, b'{"id":"%s-%d"}' % (tag.encode(), i)) for i in range(n)]
+
+
+class PipelineMixin:
+    batch_size = 4
+
+    def pipeline(self, failures=(), dlq_accepts=True, channel=100):
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.metrics = Metrics(CollectorRegistry())
+        self.store = MemoryObjectStore(failures=list(failures))
+        self.dead_letters = MemoryDeadLetterQueue(accept=dlq_accepts)
+        self.uploader = Uploader(store=self.store, dead_letters=self.dead_letters,
+                                 metrics=self.metrics, clock=self.clock,
+                                 run_in_thread=run_synchronously, retries=0)
+        self.queue = EventQueue(channel)
+        self.keys = KeyMaker("raw", "raw_dlq", "host", entropy=lambda n: b"\x00" * n)
+        self.batcher = Batcher(queue=self.queue, sink=None, key_maker=self.keys,
+                               metrics=self.metrics, clock=self.clock,
+                               batch_size=self.batch_size, flush_interval=10.0, max_pending=4)
+
+    def answers(self):
+        answers = []
+        return answers, answers.append
+
+    def sample(self, name, labels=None) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def stored_ids(self) -> list:
+        return sorted(line for key in self.store.objects for line in read_lines(self.store.objects[key]))
+
+
+class StoredAdmissionTests(PipelineMixin, SynchronousTestCase):
+    def make(self, **kwargs):
+        self.pipeline(**{k: kwargs.pop(k) for k in ("failures", "dlq_accepts") if k in kwargs})
+        self.admission = StoredAdmission(queue=self.queue, upload=self.uploader.upload,
+                                         metrics=self.metrics, **kwargs)
+        self.batcher.sink = self.admission.sink
+        self.batcher.startService()
+        self.addCleanup(lambda: self.batcher.running and self.batcher.stopService())
+        verifyObject(IAdmission, self.admission)
+
+    def test_answered_once_stored(self) -> None:
+        self.make()
+        answers, done = self.answers()
+        self.admission.admit(events(2), done)
+        self.assertEqual(answers, [])
+        self.assertEqual(self.sample("ack_requests_waiting"), 1)
+        self.clock.advance(10)
+        self.assertEqual(answers, [None])
+        self.assertEqual(len(self.stored_ids()), 2)
+        self.assertEqual(self.sample("ack_requests_waiting"), 0)
+
+    def test_split_across_two_batches(self) -> None:
+        """
+        A request whose events fall in two batches is answered once both
+        are stored, not when the first is.
+        """
+        self.make()
+        answers, done = self.answers()
+        first = []
+        self.admission.admit(events(3, "a"), first.append)
+        self.admission.admit(events(3, "b"), done)   # 1 in batch 1, 2 in batch 2
+        self.assertEqual(first, [None])               # batch 1 (size 4) sealed and stored
+        self.assertEqual(answers, [])
+        self.clock.advance(10)                        # batch 2 sealed by age
+        self.assertEqual(answers, [None])
+        self.assertEqual(len(self.stored_ids()), 6)
+
+    def test_dead_lettered_batch_is_acknowledged(self) -> None:
+        self.make(failures=[StoreError("AccessDenied", retryable=False)])
+        answers, done = self.answers()
+        self.admission.admit(events(4), done)
+        self.assertEqual(answers, [None])
+        self.assertEqual(len(self.dead_letters.kept), 1)
+
+    def test_dropped_batch_is_refused(self) -> None:
+        """
+        Events the dead-letter queue could not keep were not stored: the
+        client gets a 503 to retry, not a 202.
+        """
+        self.make(failures=[StoreError("AccessDenied", retryable=False)], dlq_accepts=False)
+        answers, done = self.answers()
+        self.admission.admit(events(4), done)
+        [refusal] = answers
+        self.assertIsInstance(refusal, Refusal)
+        self.assertEqual((refusal.status, refusal.reason), (503, "not_stored"))
+
+    def test_waiting_is_bounded(self) -> None:
+        self.make(max_waiting=2)
+        answers, done = self.answers()
+        self.admission.admit(events(1), done)
+        self.admission.admit(events(1), done)
+        self.admission.admit(events(1), done)
+        [refusal] = answers
+        self.assertEqual((refusal.status, refusal.reason, refusal.retry_after),
+                         (503, "ack_waiters_full", 1))
+
+    def test_shutdown_answers_waiting_requests(self) -> None:
+        """
+        Draining the batcher (what the listener's settle does on shutdown)
+        answers every waiting request, even with a store that hangs until
+        the uploader is hurried into the dead-letter queue.
+        """
+        self.make(failures=["hang"])
+        answers, done = self.answers()
+        self.admission.admit(events(1), done)
+        self.admission.admit(events(1), done)
+        drained = self.batcher.drain()
+        self.assertNoResult(drained)
+        self.assertEqual(answers, [])
+        self.uploader.hurry()
+        self.successResultOf(drained)
+        self.assertEqual(answers, [None, None])
+        self.assertEqual(len(self.dead_letters.kept), 1)
+
+
+class WalAdmissionTests(PipelineMixin, SynchronousTestCase):
+    def make(self, directory=None, **kwargs):
+        self.pipeline(**kwargs)
+        self.directory = directory or getattr(self, "directory", None) or temp_dir(self)
+        self.committers = []
+
+        def factory(*args, **kw):
+            c = ManualCommitter(*args, **kw)
+            self.committers.append(c)
+            return c
+
+        self.wal = WriteAheadLog(directory=self.directory, metrics=self.metrics, clock=self.clock,
+                                 call_from_thread=lambda f, *a: f(*a),
+                                 run_in_thread=run_synchronously, committer_factory=factory,
+                                 new_id=lambda: "wal-id")
+        self.admission = WalAdmission(wal=self.wal, queue=self.queue, upload=self.uploader.upload,
+                                      key_maker=self.keys, metrics=self.metrics)
+        verifyObject(IAdmission, self.admission)
+        self.batcher.sink = self.admission.sink
+        with capturedLogs():
+            self.wal.startService()
+            self.admission.replay(self.wal.recovered, self.batcher)
+        self.batcher.startService()
+
+    def crash(self) -> None:
+        """
+        SIGKILL: nothing is stopped; the lock goes with the process.
+        """
+        os.close(self.wal._lock_fd)
+        self.wal._lock_fd = None
+        self.wal._loop.stop()
+        self.batcher._loop.stop()
+        self.batcher._stopping = True
+
+    def commit(self) -> None:
+        self.committers[-1].flush()
+
+    def test_acknowledged_after_the_commit(self) -> None:
+        self.make()
+        answers, done = self.answers()
+        self.admission.admit(events(2), done)
+        self.admission.admit(events(1), done)
+        self.assertEqual(answers, [])
+        self.assertEqual(len(self.queue), 0)
+        self.commit()
+        self.assertEqual(answers, [None, None])
+        self.assertEqual(self.batcher.open_count, 3)
+
+    def test_queue_room_reserved(self) -> None:
+        """
+        Events being logged hold their room on the queue: a durable event
+        never finds it full.
+        """
+        self.make(channel=3)
+        self.batcher.stopService()
+        answers, done = self.answers()
+        self.admission.admit(events(2), done)
+        self.admission.admit(events(2), done)
+        self.assertEqual(answers[0].reason, "queue_full")
+
+    def test_full_log(self) -> None:
+        self.make()
+        self.wal.max_bytes = 10
+        answers, done = self.answers()
+        self.admission.admit(events(1), done)
+        [refusal] = answers
+        self.assertEqual((refusal.status, refusal.reason, refusal.retry_after),
+                         (503, "wal_full", 1))
+
+    def test_seal_logged_before_upload(self) -> None:
+        """
+        A sealed batch is uploaded only once its seal record is durable,
+        under the key the log derives from its sequence range.
+        """
+        self.make()
+        self.admission.admit(events(4), lambda r: None)
+        self.commit()                     # the events: the batcher seals
+        self.assertEqual(self.store.puts, [])
+        self.commit()                     # the seal: now the upload
+        [(key, _)] = self.store.puts
+        self.assertTrue(key.endswith(self.wal.unique("collect", 0, 3) + ".jsonl.gz"), key)
+
+    def test_crash_replay_overwrites(self) -> None:
+        """
+        After a crash, a batch that was sealed (and maybe stored) is
+        uploaded again under the same key with the same bytes; events never
+        sealed are batched afresh; the log is then checkpointed away.
+        """
+        self.make()
+        self.admission.admit(events(4, "a"), lambda r: None)
+        self.admission.admit(events(2, "b"), lambda r: None)
+        self.commit()
+        self.commit()
+        stored = dict(self.store.objects)
+        self.assertEqual(len(stored), 1)
+        self.crash()
+        directory = self.directory
+        self.make(directory=directory)
+        self.assertEqual(self.sample("wal_events_replayed_total"), 6)
+        # The replayed sealed batch went straight to the store.
+        for key, body in stored.items():
+            self.assertEqual(self.store.objects[key], body)
+        self.clock.advance(10)            # the 2 unsealed events: by age
+        self.commit()
+        self.assertEqual(len(self.stored_ids()), 6)
+        self.clock.advance(1)
+        self.assertEqual(read_checkpoint(directory)["low_water"], 6)
+        self.assertEqual(len(list_segments(directory)), 1)
+
+    def test_fsync_failure(self) -> None:
+        self.make()
+
+        def broken(fd):
+            raise OSError(5, "EIO")
+
+        self.committers[-1].writer._sync = broken
+        answers, done = self.answers()
+        self.admission.admit(events(1), done)
+        with capturedLogs():
+            self.commit()
+        self.assertEqual(answers[0].reason, "wal_failed")
+        self.admission.admit(events(1), done)
+        self.assertEqual(answers[1].reason, "wal_failed")
+        self.assertEqual(len(self.queue) + self.batcher.open_count, 0)
