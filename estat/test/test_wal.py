@@ -154,6 +154,21 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(r.unsealed, {"raw": [(0, events(2))]})
         self.assertEqual((r.next_seq, r.next_segment), (2, 1))
 
+    def test_preallocated_space_is_not_damage(self) -> None:
+        """
+        The zeros after the last record of a preallocated segment are
+        unused space: not set aside in an older segment, cut off the newest.
+        """
+        one = encode_events("raw", 0, events(2))
+        write_segment(self.directory, 0, one + bytes(5000))
+        last = write_segment(self.directory, 1, encode_events("raw", 2, events(1)) + bytes(300))
+        with capturedLogs():
+            r = self.recover()
+        self.assertEqual((r.set_aside, r.truncated), (0, 0))
+        self.assertEqual(os.path.getsize(last), len(encode_events("raw", 2, events(1))))
+        self.assertEqual([(f, len(e)) for f, e in r.unsealed["raw"]], [(0, 3)])
+        self.assertEqual([info.size for info in r.segments], [len(one), os.path.getsize(last)])
+
     def test_bad_crc_set_aside(self) -> None:
         """
         Damage in an older segment is set aside (a copy in corrupt/,
@@ -268,8 +283,12 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         self.assertEqual(done, [None, None])
         self.assertEqual(self.sample("wal_commit_batch_size_count"), 1)
         self.assertEqual(self.sample("wal_commit_batch_size_sum"), 2)
-        self.assertEqual(self.sample("wal_bytes_current"),
-                         os.path.getsize(files.segment_path(self.directory, 0)))
+        with open(files.segment_path(self.directory, 0), "rb") as f:
+            data = f.read()
+        # Preallocated: the file is a segment long, the records at its start.
+        self.assertEqual(len(data), self.segment_size)
+        self.assertEqual(self.sample("wal_bytes_current"), scan(data).good_end)
+        self.assertEqual(len(scan(data).records), 2)
 
     def test_checkpoint_then_delete(self) -> None:
         """

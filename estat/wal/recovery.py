@@ -126,7 +126,12 @@ def recover(directory: str, new_id) -> Recovered:
             data = f.read()
         result = scan(data)
         damaged = list(result.damaged)
-        if result.bad_tail is not None:
+        if result.bad_tail is not None and not data[result.bad_tail:].strip(b"\0"):
+            # The preallocated, never written rest of the segment.
+            data = data[:result.bad_tail]
+            if index == len(found) - 1:
+                _truncate(path, result.bad_tail)
+        elif result.bad_tail is not None:
             if index == len(found) - 1:
                 # A write the crash cut short: never acknowledged.
                 cut = len(data) - result.bad_tail

@@ -51,11 +51,12 @@ class Group:
     error: BaseException | None = attr.ib(default=None)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
 
 
 class GroupCommitter:
@@ -71,8 +72,10 @@ class GroupCommitter:
     def __init__(self, directory: str, first_segment: int, segment_size: int,
                  call_from_thread: Callable, on_group: Callable[[Group], None],
                  sync: Callable[[int], None] = os.fdatasync,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 timer: Callable[[], float] = time.perf_counter,
+                 preallocate: bool = True) -> None:
         self.directory = directory
+        self.preallocate = preallocate
         self.segment = first_segment
         self.segment_size = segment_size
         self._call = call_from_thread
@@ -139,7 +142,7 @@ class GroupCommitter:
         self._call(self._on_stopped)
 
     def _open(self, number: int) -> None:
-        fd = create_segment(self.directory, number)
+        fd = create_segment(self.directory, number, self.segment_size if self.preallocate else 0)
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.segment = fd, 0, number
@@ -159,7 +162,7 @@ class GroupCommitter:
             if self._size and self._size + len(data) > self.segment_size:
                 self._open(self.segment + 1)
                 group.opened.append(self.segment)
-            _write_all(self._fd, data)
+            _write_all(self._fd, data, self._size)
             self._size += len(data)
             self._sync(self._fd)
         except OSError as e:
