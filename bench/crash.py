@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-import json
 import os
 import random
 import re

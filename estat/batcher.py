@@ -67,7 +67,10 @@ class Batcher(Service):
         self._stopping = False
         self._loop = LoopingCall(self._check_age)
         self._loop.clock = self.clock
-        self._loop.start(min(self.tick, self.flush_interval), now=False)
+        # A quarter of FLUSH_INTERVAL at most, so a batch is sealed at most
+        # 1.25 x FLUSH_INTERVAL after its first event (ACK_MODE=stored
+        # answers then), not up to twice it.
+        self._loop.start(min(self.tick, self.flush_interval / 4), now=False)
         self._consuming = Deferred.fromCoroutine(self._consume())
         self._consuming.addErrback(self._consume_died)
 

@@ -22,8 +22,10 @@ from estat.keys import KeyMaker
 from estat.metrics import Metrics
 from estat.queue import EventQueue
 from estat.test.harness import temp_dir
-from estat.testing import ManualCommitter, MemoryDeadLetterQueue, MemoryObjectStore, \
-    read_lines, run_synchronously
+from estat.testing import (
+    DeferredThreadRunner, ManualCommitter, MemoryDeadLetterQueue, MemoryObjectStore, read_lines,
+    run_synchronously,
+)
 from estat.uploader import Uploader
 from estat.wal.admission import StoredAdmission, WalAdmission
 from estat.wal.files import list_segments, read_checkpoint
@@ -274,3 +276,178 @@ class WalAdmissionTests(PipelineMixin, SynchronousTestCase):
         self.admission.admit(events(1), done)
         self.assertEqual(answers[1].reason, "wal_failed")
         self.assertEqual(len(self.queue) + self.batcher.open_count, 0)
+
+
+class _Reactor:
+    """
+    Just enough reactor for L{estat.tap.build_service} to wire (nothing is
+    started): a clock, a thread pool that is never started, callFromThread.
+    """
+
+    def __init__(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.python.threadpool import ThreadPool
+
+        self._memory = MemoryReactorClock()
+        self._pool = ThreadPool()
+
+    def getThreadPool(self):
+        return self._pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._memory, name)
+
+
+class WiringTests(SynchronousTestCase):
+    """
+    L{estat.tap.build_service} wires each ACK_MODE; memory adds nothing.
+    """
+
+    def build(self, **overrides):
+        from estat.config import Config
+        from estat.tap import build_service
+
+        base = temp_dir(self)
+        config = Config.defaults(http_addr="tcp:0:interface=127.0.0.1",
+                                 wal_dir=os.path.join(base, "wal"),
+                                 dlq_dir=os.path.join(base, "dlq"),
+                                 local_store_dir=os.path.join(base, "store"), **overrides)
+        return build_service(config, _Reactor(), environ={"HOSTNAME": "h"})
+
+    def test_memory(self) -> None:
+        from estat.ingest import QueueAdmission
+
+        service = self.build()
+        self.assertIsInstance(service.core.admission, QueueAdmission)
+        self.assertIsNone(service.wal)
+        self.assertIsNone(service.http.settle)
+        self.assertEqual(service.batcher.sink, service.uploader.upload)
+
+    def test_disk(self) -> None:
+        service = self.build(ack_mode="disk", wal_max_size_bytes=12345,
+                             wal_segment_size_bytes=999)
+        admission = service.core.admission
+        self.assertIsInstance(admission, WalAdmission)
+        self.assertIs(service.wal, admission.wal)
+        self.assertEqual((service.wal.max_bytes, service.wal.segment_size), (12345, 999))
+        self.assertEqual(service.batcher.sink, admission.sink)
+        self.assertEqual(len(service.replays), 1)
+        # The log starts after the dead-letter queue and before the batcher.
+        self.assertEqual(list(service)[:3], [service.dead_letters, service.wal, service.batcher])
+
+    def test_stored(self) -> None:
+        service = self.build(ack_mode="stored", ack_max_waiting=7)
+        admission = service.core.admission
+        self.assertIsInstance(admission, StoredAdmission)
+        self.assertEqual(admission.max_waiting, 7)
+        self.assertEqual(service.http.settle, service.batcher.drain)
+        self.assertEqual(service.batcher.sink, admission.sink)
+
+
+class _Port:
+    def stopListening(self):
+        return succeed(None)
+
+
+class _Site:
+    def __init__(self) -> None:
+        self.channels = {"one"}
+        self.aborted = 0
+        self.closed = Deferred()
+
+    def close_connections(self):
+        return self.closed
+
+    def abort_connections(self) -> None:
+        self.aborted += 1
+
+
+class SettleTests(SynchronousTestCase):
+    def test_grace_starts_after_settle(self) -> None:
+        """
+        With a settle (ACK_MODE=stored), the listener stops listening, then
+        waits for it (requests waiting for the store get their answers)
+        before the grace period that ends with aborting connections.
+        """
+        from estat.http.site import HTTPListenerService
+
+        clock = Clock()
+        settled = Deferred()
+        site = _Site()
+        listener = HTTPListenerService(endpoint=None, site=site, clock=clock, grace=5.0,
+                                       settle=lambda: settled)
+        listener.port = _Port()
+        listener.running = True
+        with capturedLogs():
+            d = listener.stopService()
+            clock.advance(30)
+            self.assertEqual(site.aborted, 0)
+            settled.callback(None)
+            clock.advance(5)
+        self.assertEqual(site.aborted, 1)
+        site.closed.callback(None)
+        self.successResultOf(d)
+
+
+class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
+    def test_ready_after_replay_and_the_log_stops_last(self) -> None:
+        """
+        /readyz turns 200 only once the log is recovered and its events are
+        handed to the batcher; on stop, the log closes after everything else,
+        with a final checkpoint.
+        """
+        from estat.dlq import DiskDeadLetterQueue
+        from estat.http.routes import Readiness
+        from estat.service import EstatService
+        from estat.test.test_service import StubListener
+
+        self.pipeline()
+        directory = temp_dir(self)
+        runner = DeferredThreadRunner()
+        committers = []
+
+        def factory(*args, **kw):
+            committers.append(ManualCommitter(*args, **kw))
+            return committers[-1]
+
+        wal = WriteAheadLog(directory=os.path.join(directory, "wal"), metrics=self.metrics,
+                            clock=self.clock, call_from_thread=lambda f, *a: f(*a),
+                            run_in_thread=runner, committer_factory=factory)
+        admission = WalAdmission(wal=wal, queue=self.queue, upload=self.uploader.upload,
+                                 key_maker=self.keys, metrics=self.metrics)
+        self.batcher.sink = admission.sink
+        dlq = DiskDeadLetterQueue(directory=os.path.join(directory, "dlq"), metrics=self.metrics,
+                                  clock=self.clock, run_in_thread=run_synchronously)
+        readiness = Readiness(ready=False)
+        order = []
+        http = StubListener(lambda: order.append("http"))
+        service = EstatService(http=http, batcher=self.batcher, uploader=self.uploader,
+                               dead_letters=dlq, queue=self.queue, store=self.store,
+                               readiness=readiness, metrics=self.metrics, clock=self.clock,
+                               wal=wal, replays=[lambda r: order.append("replay")])
+        with capturedLogs():
+            service.startService()
+            self.assertFalse(readiness.ready)
+            answers = []
+            admission.admit(events(1), answers.append)
+            self.assertEqual(answers[0].reason, "wal_starting")
+            runner.run_all()
+        self.assertTrue(readiness.ready)
+        self.assertEqual(order, ["replay"])
+        admission.admit(events(3), answers.append)
+        committers[0].flush()
+        self.assertEqual(answers[1:], [None])
+        with capturedLogs():
+            d = service.stopService()
+            for _ in range(5):
+                committers[0].flush()
+                runner.run_all()
+        self.successResultOf(d)
+        self.assertEqual(order, ["replay", "http"])
+        self.assertTrue(committers[0].stopped)
+        self.assertEqual(read_checkpoint(wal.directory)["low_water"], 3)
+        self.assertEqual(len(self.stored_ids()), 3)
+
