@@ -68,7 +68,7 @@ class EstatService(MultiService):
     shutdown_timeout: float = attr.ib(default=25.0)
     #: Called once a shutdown drained everything in time.
     on_clean_shutdown: object = attr.ib(default=lambda: None)
-    #: ACK_MODE=disk: the write-ahead log, and C{Recovered -> None}
+    #: ACK_MODE=disk: the write-ahead log, and C{Recovered -> stream name}
     #: callables that hand each stream's replay to its batcher.
     wal: object = attr.ib(default=None)
     replays: list = attr.ib(factory=list)
@@ -97,12 +97,14 @@ class EstatService(MultiService):
             # The log could not be opened: POSTs get 503 and /readyz stays
             # 503, but the process runs (no crash loop) for a person to see.
             return
+        claimed = set()
         for replay in self.replays:
             try:
-                replay(recovered)
+                claimed.add(replay(recovered))
             except Exception:
                 self.metrics.loop_errors.labels("wal_replay").inc()
                 self.log.failure("could not replay the write-ahead log")
+        self.wal.release_unclaimed(claimed)
         if self.running:
             self.readiness.ready = True
 

@@ -278,6 +278,26 @@ class WalAdmissionTests(PipelineMixin, SynchronousTestCase):
         self.assertEqual(len(self.queue) + self.batcher.open_count, 0)
 
 
+    def test_events_of_a_stream_no_longer_served_are_let_go(self) -> None:
+        """
+        Events of a stream nobody replays (switched off since the crash)
+        are counted as dropped and stop holding the log's low-water mark.
+        """
+        self.make()
+        other = WalAdmission(wal=self.wal, queue=EventQueue(10), upload=self.uploader.upload,
+                             key_maker=self.keys, metrics=self.metrics, stream="segment")
+        other.admit(events(3, "s"), lambda r: None)
+        self.commit()
+        self.crash()
+        self.make(directory=self.directory)
+        self.assertEqual(self.wal.low_water(), 0)
+        with capturedLogs() as logged:
+            self.assertEqual(self.wal.release_unclaimed({"collect"}), 3)
+        self.assertEqual(self.wal.low_water(), 3)
+        self.assertEqual(self.sample("events_dropped_total", {"reason": "wal_stream_unknown"}), 3)
+        self.assertTrue(any(e.get("stream") == "segment" for e in logged))
+
+
 class _Reactor:
     """
     Just enough reactor for L{estat.tap.build_service} to wire (nothing is
@@ -427,7 +447,7 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
         service = EstatService(http=http, batcher=self.batcher, uploader=self.uploader,
                                dead_letters=dlq, queue=self.queue, store=self.store,
                                readiness=readiness, metrics=self.metrics, clock=self.clock,
-                               wal=wal, replays=[lambda r: order.append("replay")])
+                               wal=wal, replays=[lambda r: order.append("replay") or "collect"])
         with capturedLogs():
             service.startService()
             self.assertFalse(readiness.ready)
@@ -450,4 +470,5 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
         self.assertTrue(committers[0].stopped)
         self.assertEqual(read_checkpoint(wal.directory)["low_water"], 3)
         self.assertEqual(len(self.stored_ids()), 3)
+
 

@@ -145,10 +145,10 @@ class WalAdmission:
 
     # --- replay at start-up ---
 
-    def replay(self, recovered: Recovered, batcher) -> int:
+    def replay(self, recovered: Recovered, batcher) -> str:
         """
         Hand what the log holds for this stream to C{batcher}, before any
-        new event.  Returns the number of events replayed.
+        new event.  Returns the stream's name (it is claimed).
         """
         sealed = []
         for b in recovered.sealed.get(self.stream, ()):
@@ -173,7 +173,7 @@ class WalAdmission:
             return d
 
         batcher.replay(sealed, events, replay_sink)
-        return count
+        return self.stream
 
 
 @implementer(IAdmission)

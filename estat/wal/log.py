@@ -321,6 +321,32 @@ class WriteAheadLog(Service):
         self._committer.submit(data, last, d.callback)
         return d
 
+    def release_unclaimed(self, claimed) -> int:
+        """
+        After start-up replay: the log's events of streams no admission
+        took (a stream switched off since the crash) would hold the
+        low-water mark, and so the log, forever.  Count them as dropped,
+        say so, and let them go.  Returns how many there were.
+        """
+        recovered = self.recovered
+        if recovered is None:
+            return 0
+        lost = 0
+        for stream in set(recovered.sealed) | set(recovered.unsealed):
+            if stream in claimed:
+                continue
+            count = sum(len(b.events) for b in recovered.sealed.get(stream, ()))
+            count += sum(len(e) for _, e in recovered.unsealed.get(stream, ()))
+            self._streams.pop(stream, None)
+            lost += count
+            self.metrics.dlq_events_dropped.inc(count)
+            self.metrics.events_dropped.labels("wal_stream_unknown").inc(count)
+            self.log.error("the write-ahead log holds {count} events of stream {stream}, which "
+                           "this process does not serve; they are dropped (a copy of the log "
+                           "stays in {directory} until its checkpoint passes them)",
+                           count=count, stream=stream, directory=self.directory)
+        return lost
+
     def batch_done(self, stream: str, first: int) -> None:
         """
         The batch beginning at C{first} has a fate (stored, dead-lettered,
