@@ -177,6 +177,11 @@ class Metrics:
             "ack_requests_waiting",
             "Requests waiting for their acknowledgement (ACK_MODE=disk: the fsync; "
             "stored: the upload)", registry=r)
+        #: Callables giving each admission's waiting requests (read at scrape
+        #: time, so that the hot path pays nothing for this gauge).
+        self.ack_waiting_sources: list = []
+        self.ack_requests_waiting.set_function(
+            lambda: sum(source() for source in self.ack_waiting_sources))
 
     def exposition(self) -> bytes:
         """

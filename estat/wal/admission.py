@@ -76,6 +76,8 @@ class WalAdmission:
     retry_after: int = attr.ib(default=1)
     replay_concurrency: int = attr.ib(default=4)
 
+    #: Requests waiting for their group commit.
+    waiting: int = attr.ib(default=0, init=False)
     _reserved: int = attr.ib(default=0, init=False)
     _refusal: dict = attr.ib(init=False)
     _replayed: dict = attr.ib(factory=dict, init=False)
@@ -83,6 +85,9 @@ class WalAdmission:
     @_refusal.default
     def _make_refusals(self) -> dict:
         return _refusals(self.retry_after)
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics.ack_waiting_sources.append(lambda: self.waiting)
 
     def admit(self, events: list, done: Callable) -> None:
         count = len(events)
@@ -98,11 +103,11 @@ class WalAdmission:
             done(self._refusal[why])
             return
         self._reserved += count
-        self.metrics.ack_requests_waiting.inc()
+        self.waiting += 1
 
     def _logged(self, events: list, done: Callable, error) -> None:
         self._reserved -= len(events)
-        self.metrics.ack_requests_waiting.dec()
+        self.waiting -= 1
         if error is not None:
             done(self._refusal["wal_failed"])
             return
@@ -201,6 +206,9 @@ class StoredAdmission:
     def _make_refusals(self) -> dict:
         return _refusals(self.retry_after)
 
+    def __attrs_post_init__(self) -> None:
+        self.metrics.ack_waiting_sources.append(lambda: self.waiting)
+
     def admit(self, events: list, done: Callable) -> None:
         if self.waiting >= self.max_waiting:
             done(self._refusal["ack_waiters_full"])
@@ -213,7 +221,6 @@ class StoredAdmission:
             done(self._refusal["queue_full"])
             return
         self.waiting += 1
-        self.metrics.ack_requests_waiting.inc()
 
     def sink(self, batch: Batch) -> Deferred:
         """
@@ -232,6 +239,5 @@ class StoredAdmission:
                 waiter[2] = False
             if waiter[1] == 0:
                 self.waiting -= 1
-                self.metrics.ack_requests_waiting.dec()
                 waiter[0](None if waiter[2] else self._refusal["not_stored"])
         return kept

@@ -278,10 +278,12 @@ class WriteAheadLog(Service):
         if self._bytes + self._pending_bytes + len(data) > self.max_bytes:
             self.metrics.wal_full_refusals.inc()
             return "wal_full"
-        self._next_seq = seq + len(events)
-        self._stream(stream).ledger.append(seq, len(events))
+        count = len(events)
+        self._next_seq = seq + count
+        state = self._streams.get(stream) or self._stream(stream)
+        state.ledger.entries.append([seq, 0, count])
         self._pending_bytes += len(data)
-        self._committer.submit(data, seq + len(events) - 1, callback)
+        self._committer.submit(data, seq + count - 1, callback)
         return None
 
     def seal(self, stream: str, count: int) -> tuple[int, int]:

@@ -55,18 +55,28 @@ _U32 = struct.Struct("<I")
 _EVENT = struct.Struct("<dBI")
 _SEAL = struct.Struct("<QQId")
 _U16 = struct.Struct("<H")
+_ONE = _U32.pack(1)
+
+
+_CRC_SEED = {kind: zlib.crc32(bytes((kind,))) for kind in (1, 2)}
+_pack_header = _HEADER.pack
 
 
 def _frame(kind: int, body: bytes) -> bytes:
-    crc = zlib.crc32(body, zlib.crc32(bytes((kind,))))
-    return _HEADER.pack(MAGIC, len(body), crc, kind) + body
+    return _pack_header(MAGIC, len(body), zlib.crc32(body, _CRC_SEED[kind]), kind) + body
+
+
+_NAMES: dict = {}
 
 
 def _name(stream: str) -> bytes:
-    b = stream.encode("utf-8")
-    if len(b) > 255:
-        raise ValueError("stream name too long")
-    return bytes((len(b),)) + b
+    name = _NAMES.get(stream)
+    if name is None:
+        b = stream.encode("utf-8")
+        if len(b) > 255:
+            raise ValueError("stream name too long")
+        name = _NAMES[stream] = bytes((len(b),)) + b
+    return name
 
 
 def _unencoded(payload: UnencodedEvent) -> tuple[int, bytes]:
@@ -84,6 +94,13 @@ def encode_events(stream: str, seq: int, events: list) -> bytes:
     The record of one request's C{events} (L{estat.event.QueuedEvent}s).
     """
     pack = _EVENT.pack
+    if len(events) == 1:
+        received_at, payload = events[0][0], events[0][1]
+        if type(payload) is bytes:
+            # The common request: one event, already serialised.
+            return _frame(EVENTS, b"".join((
+                _U64.pack(seq), _name(stream), _ONE,
+                pack(received_at, LINE, len(payload)), payload)))
     parts = [_U64.pack(seq), _name(stream), _U32.pack(len(events))]
     for event in events:
         received_at, payload = event[0], event[1]
