@@ -59,6 +59,7 @@ __all__ = ["run_crash", "main"]
 _ID = re.compile(rb'"id":"c(\d+)-(\d+)"')
 FAULTS = ("pass", "500", "pass", "slowdown", "pass", "drop_after_store", "pass", "slow")
 SHUTDOWN_TIMEOUT = 8.0
+DESCRIPTION = ('Real `twistd estat` under load from client threads posting distinct events (single and arrays of 1-50), killed with SIGKILL at random moments (1.5-4 s apart) and restarted at once on the same WAL_DIR, DLQ_DIR and store with a new instance id; SIGTERM at the end. s3: moto (SigV4 checked) behind the fault proxy cycling 500, SlowDown, slow answers and stored-but-dropped answers. *Lost*: acknowledged (2xx) but not stored; *duplicated*: an id stored more than once; a client whose connection broke before its answer did not count its events as acknowledged (some of them were stored anyway). Every object is read back.')
 
 
 def _count(bodies, ids: dict) -> tuple[int, int]:
@@ -334,7 +335,7 @@ def main(argv: list | None = None) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write("# Estat crash harness\n\n`python bench/crash.py"
                     + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-                    + f"`, on {os.cpu_count()} CPUs.\n\n" + table + "\n")
+                    + f"`, on {os.cpu_count()} CPUs.\n\n" + DESCRIPTION + "\n\n" + table + "\n")
     return 0 if all(r["passed"] for r in results) else 1
 
 
