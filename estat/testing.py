@@ -132,7 +132,7 @@ class ManualCommitter:
     """
 
     def __init__(self, directory, first_segment, segment_size, call_from_thread, on_group,
-                 sync=None) -> None:
+                 sync=None, commit_delay=0.0) -> None:
         import os
 
         from .wal.writer import GroupCommitter

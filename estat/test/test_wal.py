@@ -492,3 +492,35 @@ class WriterThreadTests(SynchronousTestCase):
         self.assertEqual((g1.segment, g1.opened, g2.segment, g2.opened), (5, [], 6, [6]))
         self.assertEqual([n for n, _ in list_segments(directory)], [5, 6])
         os.close(c._fd)
+
+
+class CommitDelayTests(SynchronousTestCase):
+    def test_busy_writer_gathers_a_group(self) -> None:
+        """
+        After a group of several records, the writer waits its commit delay
+        before the next group, so records submitted meanwhile share a sync;
+        every record is still committed once, in order.
+        """
+        directory = temp_dir(self)
+        groups = []
+        done = threading.Event()
+        total = 40
+
+        def on_group(group):
+            groups.append(len(group.items))
+            if sum(groups) == total:
+                done.set()
+
+        c = GroupCommitter(directory, 0, 1 << 20, lambda f, *a: f(*a), on_group,
+                           commit_delay=0.05)
+        c._last_group = 2
+        c.start()
+        for i in range(total):
+            c.submit(encode_events("raw", i, events(1)), i, lambda e: None)
+        self.assertTrue(done.wait(10))
+        stopped = threading.Event()
+        c.stop(stopped.set)
+        self.assertTrue(stopped.wait(10))
+        self.assertLessEqual(len(groups), 3)
+        with open(files.segment_path(directory, 0), "rb") as f:
+            self.assertEqual([r.seq for r in scan(f.read()).records], list(range(total)))

@@ -129,6 +129,8 @@ class WriteAheadLog(Service):
     sync: Callable[[int], None] = attr.ib(default=os.fdatasync)
     new_id: Callable[[], str] = attr.ib(default=lambda: os.urandom(8).hex())
     committer_factory: Callable[..., GroupCommitter] = attr.ib(default=GroupCommitter)
+    #: See L{GroupCommitter}: how long a busy writer gathers a group.
+    commit_delay: float = attr.ib(default=0.001)
 
     wal_id: str | None = attr.ib(default=None, init=False)
     failed: str | None = attr.ib(default=None, init=False)
@@ -189,7 +191,7 @@ class WriteAheadLog(Service):
         self._segments[number] = SegmentInfo(number, segment_path(self.directory, number))
         self._committer = self.committer_factory(
             self.directory, number, self.segment_size, self.call_from_thread, self._on_group,
-            sync=self.sync)
+            sync=self.sync, commit_delay=self.commit_delay)
         self._committer.start()
         self._update_gauges()
         self._loop = LoopingCall(self.checkpoint)
