@@ -524,3 +524,32 @@ class CommitDelayTests(SynchronousTestCase):
         self.assertLessEqual(len(groups), 3)
         with open(files.segment_path(directory, 0), "rb") as f:
             self.assertEqual([r.seq for r in scan(f.read()).records], list(range(total)))
+
+
+class RollRaceTests(WalMixin, SynchronousTestCase):
+    def test_segment_kept_until_its_last_group_is_reported(self) -> None:
+        """
+        The writer may roll to a new segment before the reactor hears of the
+        last group it wrote to the old one; the old segment must not be
+        deleted on the strength of what the reactor knew before.
+        """
+        self.segment_size = 200
+        wal = self.make_wal()
+        self.start(wal)
+        committer = wal.committers[0]
+        wal.log_events("raw", events(2, "a"), lambda e: None)
+        committer.flush()
+        wal.batch_done("raw", wal.seal("raw", 2)[0])
+        wal.log_events("raw", events(2, "b"), lambda e: None)   # to segment 0, not reported yet
+        held = []
+        committer.on_group = held.append
+        committer.flush()
+        wal.log_events("raw", events(2, "c"), lambda e: None)   # rolls to segment 1
+        committer.flush()
+        self.assertEqual(committer.segment, 1)
+        self.clock.advance(1)
+        self.assertEqual([n for n, _ in list_segments(self.directory)], [0, 1])
+        for group in held:
+            wal._on_group(group)
+        self.clock.advance(1)
+        self.assertEqual([n for n, _ in list_segments(self.directory)], [0, 1])

@@ -140,6 +140,10 @@ class WriteAheadLog(Service):
     _next_seq: int = attr.ib(default=0, init=False)
     _streams: dict = attr.ib(factory=dict, init=False)
     _segments: dict = attr.ib(factory=dict, init=False)  # number -> SegmentInfo
+    #: The newest segment a reported group went to.  Not the writer's own
+    #: attribute: the writer may have rolled past a segment whose last
+    #: group the reactor has not heard of yet.
+    _active: int = attr.ib(default=0, init=False)
     _bytes: int = attr.ib(default=0, init=False)
     _pending_bytes: int = attr.ib(default=0, init=False)
     _durable_low_water: int = attr.ib(default=-1, init=False)
@@ -188,6 +192,7 @@ class WriteAheadLog(Service):
             for first, events in runs:
                 state.ledger.append(first, len(events))
         number = recovered.next_segment
+        self._active = number
         self._segments[number] = SegmentInfo(number, segment_path(self.directory, number))
         self._committer = self.committer_factory(
             self.directory, number, self.segment_size, self.call_from_thread, self._on_group,
@@ -379,6 +384,7 @@ class WriteAheadLog(Service):
                                                           segment_path(self.directory, number)))
         self._pending_bytes -= sum(size for _, size, _ in group.items)
         if group.error is None:
+            self._active = max(self._active, group.segment)
             info = self._segments.get(group.segment)
             if info is None:
                 info = self._segments[group.segment] = SegmentInfo(
@@ -432,9 +438,9 @@ class WriteAheadLog(Service):
         if self._checkpointing is not None or self._committer is None or self.failed:
             return succeed(None)
         mark = self.low_water()
-        active = self._committer.segment
+        active = self._active
         doomed = [info for number, info in sorted(self._segments.items())
-                  if number != active and number < active and info.max_seq < mark]
+                  if number < active and info.max_seq < mark]
         if mark == self._durable_low_water and not doomed:
             return succeed(None)
         d = self.run_in_thread(checkpoint_and_delete, self.directory, self.wal_id, mark,
