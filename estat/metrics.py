@@ -9,10 +9,14 @@ default registry.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "SEED_METRIC_NAMES"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "SEED_METRIC_NAMES", "HotCounter",
+           "HotHistogram"]
 
 #: The original Go service's metric names, as exported: operators' contract.
 SEED_METRIC_NAMES = (
@@ -32,6 +36,69 @@ _LATENCY_BUCKETS = (
 _UPLOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class HotCounter:
+    """
+    A counter for the request path, exported like a prometheus-client
+    C{Counter}: a plain integer, no lock.  prometheus-client takes a lock
+    per C{inc} (0.9 us here; five of them were a tenth of a small
+    request's CPU).  Only the reactor thread may change it; a scrape reads
+    it on the reactor thread too.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self.value = 0
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def describe(self):
+        return [CounterMetricFamily(self._name, self._documentation)]
+
+    def collect(self):
+        return [CounterMetricFamily(self._name, self._documentation, value=self.value)]
+
+
+class HotHistogram:
+    """
+    A histogram for the request path, exported like a prometheus-client
+    C{Histogram}; the same rule as L{HotCounter}: the reactor thread only.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple,
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def describe(self):
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self):
+        cumulative = []
+        total = 0
+        for bound, count in zip(self._bounds + (float("inf"),), self._counts):
+            total += count
+            cumulative.append((_bound_text(bound), total))
+        return [HistogramMetricFamily(self._name, self._documentation,
+                                      buckets=cumulative, sum_value=self._sum)]
+
+
+def _bound_text(bound: float) -> str:
+    if bound == float("inf"):
+        return "+Inf"
+    return repr(bound)
+
+
 class Metrics:
     """
     The metrics of one Estat process.
@@ -47,9 +114,9 @@ class Metrics:
         r = registry
 
         # --- the seed's eight names ---
-        self.http_requests = Counter(
+        self.http_requests = HotCounter(
             "http_requests", "HTTP requests received", registry=r)
-        self.http_requests_accepted = Counter(
+        self.http_requests_accepted = HotCounter(
             "http_requests_accepted",
             "Requests whose events were all put on the event queue", registry=r)
         self.http_requests_rejected_queue_full = Counter(
@@ -79,7 +146,7 @@ class Metrics:
             "http_requests_rejected",
             "Requests answered with an error, by reason",
             ["reason"], registry=r)
-        self.http_request_duration = Histogram(
+        self.http_request_duration = HotHistogram(
             "http_request_duration_seconds",
             "Time to answer POST /collect", buckets=_LATENCY_BUCKETS,
             registry=r)
@@ -89,7 +156,7 @@ class Metrics:
             "http_connections_refused",
             "Connections closed at once because MAX_CONNECTIONS were open",
             registry=r)
-        self.events_accepted = Counter(
+        self.events_accepted = HotCounter(
             "events_accepted", "Events put on the event queue", registry=r)
         self.events_rejected = Counter(
             "events_rejected", "Events refused, by reason", ["reason"],

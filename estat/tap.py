@@ -127,7 +127,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     dead_letters.deliver = lambda obj: Deferred.fromCoroutine(uploader.put_with_retries(obj, 0))
     uploader.on_stored = dead_letters.store_is_back
 
-    queue = EventQueue(config.channel_size)
+    queue = EventQueue(config.channel_size, call_soon=lambda f: reactor.callLater(0, f))
     metrics.event_queue_capacity.set(config.channel_size)
     metrics.event_queue_depth.set_function(lambda: len(queue))
 

@@ -109,8 +109,10 @@ class CorsPolicy:
         object.__setattr__(self, "_cache", {})
 
     def allowed_origin(self, request) -> bytes | None:
+        if not self.origins:
+            return None
         origin = request.headers.get(b"origin")
-        if not origin or not self.origins:
+        if not origin:
             return None
         if self.any_origin:
             return b"*"
@@ -125,6 +127,8 @@ class CorsPolicy:
         The CORS response fields for an L{estat.ingest.IngestRequest}:
         C{Vary: Origin} always, the allow fields for an allowed origin.
         """
+        if not self.origins:
+            return _VARY
         origin = self.allowed_origin(request)
         if origin is None:
             return _VARY

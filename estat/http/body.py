@@ -109,12 +109,21 @@ def decode_content(body: bytes, encoding: bytes | None, cap: int) -> bytes:
         # Concatenated gzip members (cat a.gz b.gz) are one valid gzip body.
 
 
+_NDJSON_TYPES = (b"application/x-ndjson", b"application/ndjson",
+                 b"application/jsonl", b"application/x-jsonlines")
+#: Content-Type values seen, and whether each is NDJSON (clients send a few).
+_NDJSON_SEEN: dict = {}
+
+
 def is_ndjson(content_type: bytes | None) -> bool:
     if not content_type:
         return False
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media in (b"application/x-ndjson", b"application/ndjson",
-                     b"application/jsonl", b"application/x-jsonlines")
+    known = _NDJSON_SEEN.get(content_type)
+    if known is None:
+        known = content_type.split(b";", 1)[0].strip().lower() in _NDJSON_TYPES
+        if len(_NDJSON_SEEN) < 256:
+            _NDJSON_SEEN[content_type] = known
+    return known
 
 
 def _element(obj: Any, index: int | None) -> dict:
@@ -133,10 +142,10 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
         a batch (array or NDJSON).
     @raise BodyRejected: naming the first bad element's index in a batch.
     """
-    if is_ndjson(content_type):
+    if content_type is not None and is_ndjson(content_type):
         return _decode_ndjson(body, limits), True
-    stripped = body.lstrip()
-    if stripped[:1] == b"[":
+    first = body[:1]
+    if first != b"{" and body.lstrip()[:1] == b"[":
         if len(body) > limits.body_size:
             raise BodyRejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")
         try:

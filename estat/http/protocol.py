@@ -73,6 +73,8 @@ for _status in (100, 200, 202, 204, 400, 401, 404, 405, 408, 413, 414, 415, 417,
     _status_line(_status)
 
 _FIELD_NAMES: dict = {}
+#: The rendered header fields of the answers seen (a few kinds: 202, 503, ...).
+_HEADER_BLOCKS: dict = {}
 
 
 def _field_name(name: bytes) -> bytes:
@@ -82,6 +84,13 @@ def _field_name(name: bytes) -> bytes:
         if len(_FIELD_NAMES) < 256:
             _FIELD_NAMES[name] = canonical
     return canonical
+
+
+class _Ended(Exception):
+    """
+    Raised when a request begins after one that ends the connection: it
+    is never read.
+    """
 
 
 class _Refused(Exception):
@@ -111,15 +120,25 @@ class _Slot:
     """
     One answer in the connection's order: bytes to write once ready, or
     a request for the twisted.web channel once it is this slot's turn.
+    (No C{__init__}: one is made per request, and an C{__init__} with
+    arguments triples the cost.)
     """
 
-    __slots__ = ("data", "close", "slow")
+    data: bytes | None = None
+    close: bool = False
+    #: (method, target, version, headers, body) for the twisted.web channel
+    slow: tuple | None = None
 
-    def __init__(self, data: bytes | None = None, close: bool = False,
-                 slow: bytes | None = None) -> None:
-        self.data = data
-        self.close = close
-        self.slow = slow
+
+def _slot(data: bytes | None = None, close: bool = False, slow: tuple | None = None) -> _Slot:
+    slot = _Slot()
+    if data is not None:
+        slot.data = data
+    if close:
+        slot.close = True
+    if slow is not None:
+        slot.slow = slow
+    return slot
 
 
 class _RouteSite(Site):
@@ -182,10 +201,12 @@ class _ChannelTransport:
         return self._transport.getHost()
 
     def registerProducer(self, producer, streaming) -> None:
-        self._transport.registerProducer(producer, streaming)
+        # The protocol is the connection's producer; the routes twisted.web
+        # serves here answer whole and never stream.
+        pass
 
     def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
+        pass
 
     def pauseProducing(self) -> None:
         pass
@@ -216,13 +237,19 @@ class FastHTTPProtocol(Protocol):
         self._in_message = False
         self._completed = 0        # requests framed on this connection
         self._head_raw = 0
-        self._hosts = 0
+        self._begun = 0            # requests begun on this connection
+        self._ending = False       # a request that ends the connection was read
+        self._method = b""
+        self._version = "1.1"
+        self._path = b""
+        self._query = b""
         self._route = None
         self._broken = False       # nothing more is parsed or served
         self._closing = False      # close once the pending answers are written
         self._channel = None
         self._slow_busy = False
-        self._paused = False
+        self._paused = False         # too many answers waiting
+        self._write_blocked = False  # the transport's buffer is full
         self.peer = ""
         #: clock seconds when this connection's deadline passes (0: none)
         self.deadline = 0.0
@@ -239,6 +266,9 @@ class FastHTTPProtocol(Protocol):
         except (AttributeError, NotImplementedError):
             pass
         self.peer = getattr(transport.getPeer(), "host", "") or ""
+        # Answers a client does not read back up in the transport: it then
+        # pauses us, and we stop reading its requests (pauseProducing).
+        transport.registerProducer(self, True)
         self._idle(factory.clock.seconds())
 
     def connectionLost(self, reason) -> None:
@@ -274,6 +304,7 @@ class FastHTTPProtocol(Protocol):
             return
         in_head = self._in_head
         completed = self._completed
+        begun = self._begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -283,6 +314,8 @@ class FastHTTPProtocol(Protocol):
             return
         except httptools.HttpParserError as e:
             refused = e.__context__
+            if isinstance(refused, _Ended):
+                return  # bytes after a request that ends the connection
             if isinstance(refused, _Refused):
                 if refused.reason:
                     self.factory.on_protocol_error(refused.reason)
@@ -300,22 +333,26 @@ class FastHTTPProtocol(Protocol):
         if self._in_head and not self._broken:
             # A header section still arriving: bound what it may hold
             # (llhttp accumulates a header's value until it ends).
-            self._head_raw += len(data) if in_head else 0
+            if in_head and self._begun == begun:
+                # This read was all inside one header section (one that
+                # began here is bounded by this read's size).
+                self._head_raw += len(data)
             if self._head_raw > MAX_HEADER_BYTES:
                 self.factory.on_protocol_error("header_too_large")
                 self._refuse(431, _HEADERS_TOO_LARGE)
 
     def on_message_begin(self) -> None:
+        if self._ending:
+            raise _Ended()
+        self._begun += 1
         self._in_head = True
         self._in_message = True
         self._head_bytes = 0
         self._head_raw = 0
-        self._fields = 0
         self._headers = {}
         self._url = b""
         self._body = []
         self._body_size = 0
-        self._hosts = 0
         self._route = None
         timeout = self.factory.request_timeout
         if timeout:
@@ -325,43 +362,47 @@ class FastHTTPProtocol(Protocol):
             self.deadline = 0.0
 
     def on_url(self, url: bytes) -> None:
-        url = self._url + url if self._url else url
+        if self._url:
+            url = self._url + url
         self._url = url
         if len(url) > MAX_TARGET_BYTES:
             raise _Refused(414, "uri_too_long", _URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        self._fields += 1
-        if self._head_bytes + len(self._url) > MAX_HEADER_BYTES or self._fields > MAX_HEADER_FIELDS:
-            raise _Refused(431, "header_too_large", _HEADERS_TOO_LARGE)
+        # The sizes are checked once the section is complete (and, while it
+        # arrives, by dataReceived): llhttp has already bounded this field
+        # by the bytes of one read.
+        self._head_bytes += len(name) + len(value)
         name = name.lower()
         headers = self._headers
         if name in headers:
             if name == b"host":
                 raise _Refused(400, "bad_request", _json_error("more than one Host field"))
             headers[name] += b", " + value
+            self._head_bytes += 4  # one more field than the dictionary shows
         else:
             headers[name] = value
-        if name == b"host":
-            self._hosts = 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
         factory = self.factory
-        version = parser.get_http_version()
+        headers = self._headers
+        url = self._url
+        if (self._head_bytes + 4 * len(headers) + len(url) > MAX_HEADER_BYTES
+                or len(headers) > MAX_HEADER_FIELDS):
+            raise _Refused(431, "header_too_large", _HEADERS_TOO_LARGE)
+        version = self._version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refused(505, "bad_version", _json_error(
                 "HTTP version not supported; use HTTP/1.1"))
-        method = parser.get_method()
-        headers = self._headers
+        method = self._method = parser.get_method()
         if method == b"CONNECT":
             raise _Refused(405, "upgrade_refused", _json_error("CONNECT is not supported"))
         if b"upgrade" in headers:
             raise _Refused(400, "upgrade_refused", _json_error(
                 "protocol upgrades are not supported; use HTTP/1.1"))
-        if version == "1.1" and not self._hosts:
+        if b"host" not in headers and version == "1.1":
             raise _Refused(400, "bad_request", _json_error("HTTP/1.1 requests need a Host field"))
         coding = headers.get(b"transfer-encoding")
         if coding is not None and coding.strip().lower() != b"chunked":
@@ -377,13 +418,12 @@ class FastHTTPProtocol(Protocol):
                 raise _Refused(417, "bad_request", _json_error(
                     "unsupported Expect; only 100-continue is understood"))
             if version == "1.1":
-                self._push(_Slot(_CONTINUE))
+                self._push(_slot(_CONTINUE))
                 self._flush()
-        url = self._url
         if url[:1] != b"/":
-            url = _origin_form(url)
-            self._url = url
-        path, _, _ = url.partition(b"?")
+            url = self._url = _origin_form(url)
+        path, _, self._query = url.partition(b"?")
+        self._path = path
         self._route = factory.routes.get(path)
 
     def on_body(self, data: bytes) -> None:
@@ -396,39 +436,40 @@ class FastHTTPProtocol(Protocol):
 
     def on_message_complete(self) -> None:
         factory = self.factory
-        now = factory.clock.seconds()
         self.deadline = 0.0
         self._in_message = False
         self._completed += 1
-        parser = self._parser
-        keep_alive = parser.should_keep_alive() and not factory.draining
+        keep_alive = self._parser.should_keep_alive() and not factory.draining
         body = self._body
         body = body[0] if len(body) == 1 else b"".join(body)
-        self._body = []
-        method = parser.get_method()
         route = self._route
         if route is None:
-            self._push(_Slot(close=not keep_alive, slow=(
-                method, self._url, parser.get_http_version(), self._headers, body)))
+            # twisted.web ends every HTTP/1.0 connection after its answer.
+            close = not keep_alive or self._version == "1.0"
+            self._ending = close
+            self._push(_slot(close=close, slow=(
+                self._method, self._url, self._version, self._headers, body)))
             self._flush()
             return
-        url = self._url
-        path, _, query = url.partition(b"?")
-        slot = _Slot(close=not keep_alive)
+        slot = _Slot()
+        if not keep_alive:
+            slot.close = True
+            self._ending = True
         self._push(slot)
-        request = IngestRequest(method, path, query, self._headers, body, self.peer, now)
+        method = self._method
         head = method == b"HEAD"
-        keep_alive_10 = keep_alive and parser.get_http_version() == "1.0"
+        keep_alive_10 = keep_alive and self._version == "1.0"
 
         def respond(answer: Answer) -> None:
-            slot.data = factory.render(answer, slot.close or factory.draining,
-                                       keep_alive_10, head)
             if factory.draining:
                 slot.close = True
-            if self._pending and self._pending[0] is slot:
+            slot.data = factory.render(answer, slot.close, keep_alive_10, head)
+            pending = self._pending
+            if pending and pending[0] is slot:
                 self._flush()
 
-        route(request, respond)
+        route(IngestRequest(method, self._path, self._query, self._headers, body, self.peer,
+                            factory.clock.seconds()), respond)
 
     @staticmethod
     def _serialise(request: tuple, close: bool) -> bytes:
@@ -450,6 +491,20 @@ class FastHTTPProtocol(Protocol):
         parts.append(b"\r\n")
         parts.append(body)
         return b"".join(parts)
+
+    # --- IPushProducer, for the transport ---
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._paused and not self._broken:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     # --- answers out, in order ---
 
@@ -478,7 +533,8 @@ class FastHTTPProtocol(Protocol):
                 return
         if self._paused and not self._broken:
             self._paused = False
-            transport.resumeProducing()
+            if not self._write_blocked:
+                transport.resumeProducing()
         if not self._in_message and not self._broken:
             self._idle(self.factory.clock.seconds())
 
@@ -537,6 +593,7 @@ class FastHTTPProtocol(Protocol):
                 transport.write(slot.data)
             pending.clear()
             transport.write(data)
+            transport.pauseProducing()  # nothing more is read
             try:
                 transport.loseWriteConnection()
             except (AttributeError, NotImplementedError):
@@ -544,7 +601,7 @@ class FastHTTPProtocol(Protocol):
             factory.clock.callLater(1.0, transport.abortConnection)
         else:
             # Earlier answers are still to come: queue the refusal behind them.
-            pending.append(_Slot(data, close=True))
+            pending.append(_slot(data, close=True))
             self._broken = True
 
     # --- shutdown ---
@@ -697,19 +754,20 @@ class FastHTTPFactory(Factory):
         its fields, C{Connection} when it matters, and the body.
         """
         body = answer.body
-        parts = [_status_line(answer.status), self.date_header(self.clock.seconds())]
-        if answer.status != 204:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        for name, value in answer.headers:
-            parts.append(_field_name(name) + b": " + value + b"\r\n")
+        headers = answer.headers
+        block = _HEADER_BLOCKS.get(headers)
+        if block is None:
+            block = b"".join(_field_name(name) + b": " + value + b"\r\n"
+                             for name, value in headers)
+            if len(_HEADER_BLOCKS) < 1024:
+                _HEADER_BLOCKS[headers] = block
         if close:
-            parts.append(b"Connection: close\r\n")
+            block += b"Connection: close\r\n"
         elif keep_alive_10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        if not head:
-            parts.append(body)
-        return b"".join(parts)
+            block += b"Connection: keep-alive\r\n"
+        length = b"" if answer.status == 204 else b"Content-Length: %d\r\n" % len(body)
+        return b"".join((_status_line(answer.status), self.date_header(self.clock.seconds()),
+                         length, block, b"\r\n", b"" if head else body))
 
     # --- shutdown ---
 

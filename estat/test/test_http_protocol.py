@@ -374,3 +374,48 @@ class ProtocolTests(SynchronousTestCase):
         first.makeConnection(StringTransport())
         self.assertIsNone(factory.buildProtocol(None))
         self.assertEqual(refused, [1])
+
+    def test_unread_answers_stop_reading(self):
+        """
+        A client that pipelines and never reads: once the transport's
+        buffer is full it pauses the protocol, which stops reading; reading
+        resumes when the buffer drains.
+        """
+        protocol, transport = self.connect()
+        self.assertIs(transport.producer, protocol)
+        protocol.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        protocol.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_nothing_after_a_closing_request_is_served(self):
+        """
+        Requests pipelined after one that ends the connection (HTTP/1.1
+        C{Connection: close}, HTTP/1.0, and HTTP/1.0 to a twisted.web
+        route) are never handled.
+        """
+        post = b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        for first in (b"POST /collect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Length: 2\r\n\r\n{}",
+                      b"POST /collect HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+                      b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"):
+            self.handled[:] = []
+            responses, transport = self.exchange(first + post)
+            self.assertEqual(len(responses), 1, first)
+            self.assertLessEqual(len(self.handled), 1, first)
+            self.assertTrue(transport.disconnecting, first)
+
+    def test_burst_across_heads_is_not_431(self):
+        """
+        One read that ends inside a header section after many pipelined
+        requests does not count those requests against the section.
+        """
+        post = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n"
+                + b"{" + b" " * 58 + b"}")
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /collect HTTP/1.1\r\nHo")
+        protocol.dataReceived(b"st: x\r\nContent-Length: 2\r\n\r\n{}" + post * 200
+                              + b"POST /collect HTTP/1.1\r\nHo")
+        protocol.dataReceived(b"st: x\r\nContent-Length: 2\r\n\r\n{}")
+        statuses = [s for s, _, _ in parse_all(transport.value())]
+        self.assertEqual(statuses, [202] * 202)

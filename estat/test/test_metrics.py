@@ -170,3 +170,33 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(global_names(), before)
         for name in SEED_METRIC_NAMES:
             self.assertIsNone(REGISTRY.get_sample_value(name), name)
+
+
+class HotMetricsTests(SynchronousTestCase):
+    """
+    The lock-free request-path metrics export exactly what
+    prometheus-client's own would.
+    """
+
+    def test_counter_and_histogram_match_prometheus_client(self):
+        from prometheus_client import Counter, Histogram
+
+        from estat.metrics import HotCounter, HotHistogram
+
+        hot, reference = CollectorRegistry(), CollectorRegistry()
+        counter = HotCounter("things", "Things", hot)
+        histogram = HotHistogram("took_seconds", "Took", (0.001, 0.01, 1.0), hot)
+        ref_counter = Counter("things", "Things", registry=reference)
+        ref_histogram = Histogram("took_seconds", "Took", buckets=(0.001, 0.01, 1.0),
+                                  registry=reference)
+        for value in (0.0005, 0.001, 0.002, 0.5, 1.0, 3.0):
+            histogram.observe(value)
+            ref_histogram.observe(value)
+        counter.inc()
+        counter.inc(4)
+        ref_counter.inc(5)
+        for name, labels in [("things_total", {}), ("took_seconds_count", {}),
+                             ("took_seconds_sum", {})] + [
+                ("took_seconds_bucket", {"le": le}) for le in ("0.001", "0.01", "1.0", "+Inf")]:
+            self.assertEqual(hot.get_sample_value(name, labels),
+                             reference.get_sample_value(name, labels), (name, labels))

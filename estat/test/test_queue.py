@@ -178,3 +178,38 @@ class GetTests(SynchronousTestCase):
         d = q.get()
         q.offer(events("a"))
         self.assertEqual(self.successResultOf(d), events("a")[0])
+
+
+class CoalescedWakeupTests(SynchronousTestCase):
+    """
+    With C{call_soon}, a waiting consumer is woken once per turn with
+    everything offered in it, not once per offer.
+    """
+
+    def test_one_wakeup_for_many_offers(self):
+        scheduled = []
+        queue = EventQueue(10, call_soon=scheduled.append)
+        got = queue.get()
+        self.assertTrue(queue.offer([(1.0, b"a")]))
+        self.assertTrue(queue.offer([(2.0, b"b"), (3.0, b"c")]))
+        self.assertNoResult(got)
+        self.assertEqual(len(scheduled), 1)
+        scheduled.pop()()
+        self.assertEqual(self.successResultOf(got), (1.0, b"a"))
+        self.assertEqual(queue.take(10), [(2.0, b"b"), (3.0, b"c")])
+
+    def test_bound_holds(self):
+        queue = EventQueue(2, call_soon=lambda f: None)
+        queue.get()
+        self.assertTrue(queue.offer([(1.0, b"a"), (2.0, b"b")]))
+        self.assertFalse(queue.offer([(3.0, b"c")]))
+
+    def test_cancelled_consumer_is_not_woken(self):
+        scheduled = []
+        queue = EventQueue(10, call_soon=scheduled.append)
+        got = queue.get()
+        queue.offer([(1.0, b"a")])
+        got.cancel()
+        self.failureResultOf(got)
+        scheduled.pop()()
+        self.assertEqual(queue.take(10), [(1.0, b"a")])

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""
+The per-request CPU of the HTTP edge and the ingest core, without sockets,
+reactor or other processes: N varied one-event POSTs (300-500 bytes, non-ASCII
+text, nested objects) fed to one connection of the real factory (httptools
+protocol -> IngestCore -> QueueAdmission -> EventQueue), with the real
+metrics.  A stable figure to compare hot-path changes on a busy machine,
+where wrk figures swing with whatever else runs.
+
+    python bench/hotpath.py [--requests 50000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import orjson  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.web.resource import Resource  # noqa: E402
+
+from estat.http.protocol import FastHTTPFactory  # noqa: E402
+from estat.ingest import IngestCore, QueueAdmission  # noqa: E402
+from estat.metrics import Metrics  # noqa: E402
+from estat.queue import EventQueue  # noqa: E402
+
+TITLES = ["Café crème – menu", "東京の天気", "Überraschung! 🎉", "naïve résumé", "plain title"]
+
+
+def event(rng: random.Random, n: int) -> bytes:
+    return orjson.dumps({
+        "event": rng.choice(["page_view", "click", "scroll", "signup", "purchase"]),
+        "id": f"{n}-{rng.randrange(10**9)}", "user_id": f"u-{rng.randrange(10**6)}",
+        "title": rng.choice(TITLES), "path": rng.choice(["/", "/pricing", "/docs/start"]),
+        "screen": {"w": rng.randrange(320, 2400), "h": rng.randrange(480, 1600)},
+        "props": {"plan": rng.choice(["free", "pro"]), "items": [rng.randrange(100)] * 3},
+        "value": round(rng.random() * 100, 2), "client_ts": 1764000000000 + n,
+    })
+
+
+class _Sink:
+    """
+    A transport that keeps nothing: what a socket costs is not measured.
+    """
+
+    disconnecting = False
+    connected = True
+
+    def write(self, data):
+        pass
+
+    def getPeer(self):
+        return IPv4Address("TCP", "192.0.2.1", 5000)
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+    def setTcpNoDelay(self, enabled):
+        pass
+
+    def loseConnection(self):
+        pass
+
+    def registerProducer(self, producer, streaming):
+        pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=50000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--stub", action="store_true",
+                        help="a handler that answers at once: the protocol alone")
+    args = parser.parse_args()
+    rng = random.Random(7)
+    bodies = [event(rng, n) for n in range(2000)]
+    requests = [b"POST /collect HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+                for b in bodies]
+    clock = Clock()
+    clock.advance(1764000000)
+    metrics = Metrics(CollectorRegistry())
+    queue = EventQueue(1_000_000)
+    core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock)
+    handler = core.collect
+    if args.stub:
+        from estat.ingest import Answer
+
+        answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
+
+        def handler(request, respond):
+            respond(answer)
+    factory = FastHTTPFactory(routes={b"/collect": handler}, resource=Resource(),
+                              clock=clock, max_body_size=524288, idle_timeout=75,
+                              request_timeout=30)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(_Sink())
+
+    def run(n: int) -> float:
+        started = time.process_time()
+        for i in range(n):
+            protocol.dataReceived(requests[i % 2000])
+            if i % 5000 == 4999:
+                queue.take(10000)
+        return time.process_time() - started
+
+    run(200)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(args.requests)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    best = min(run(args.requests) for _ in range(args.reps))
+    print(f"hot path: {best / args.requests * 1e6:.2f} us CPU per one-event request "
+          f"({args.requests / best:,.0f} requests/s of pure Python work), "
+          f"{sum(map(len, bodies)) / len(bodies):.0f}-byte events")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
