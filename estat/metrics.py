@@ -216,14 +216,15 @@ class Metrics:
             "wal_bytes_current", "Bytes in the write-ahead log's segments", registry=r)
         self.wal_segments_current = Gauge(
             "wal_segments_current", "Segment files of the write-ahead log", registry=r)
-        self.wal_commit_duration = Histogram(
+        # Observed on the reactor thread once per group commit.
+        self.wal_commit_duration = HotHistogram(
             "wal_commit_duration_seconds",
             "Time of one group commit (write + fdatasync)",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                     0.1, 0.25, 1.0), registry=r)
-        self.wal_commit_batch_size = Histogram(
+            (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+             0.1, 0.25, 1.0), r)
+        self.wal_commit_batch_size = HotHistogram(
             "wal_commit_batch_size", "Records (requests and seals) made durable by one group commit",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), r)
         self.wal_events_replayed = Counter(
             "wal_events_replayed",
             "Events read back from the write-ahead log at start-up and uploaded again",
