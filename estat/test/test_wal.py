@@ -553,3 +553,35 @@ class RollRaceTests(WalMixin, SynchronousTestCase):
             wal._on_group(group)
         self.clock.advance(1)
         self.assertEqual([n for n, _ in list_segments(self.directory)], [0, 1])
+
+
+class BadStartTests(WalMixin, SynchronousTestCase):
+    def test_unreadable_checkpoint_replays_everything(self) -> None:
+        self.directory = temp_dir(self)
+        write_segment(self.directory, 0, encode_events("raw", 0, events(2))
+                      + encode_seal("raw", 0, 1, 2, START, "raw/k", "dlq/k"))
+        with open(os.path.join(self.directory, "checkpoint"), "wb") as f:
+            f.write(b"\x00garbage")
+        r = recover(self.directory, lambda: "new")
+        self.assertEqual(r.low_water, 0)
+        [sealed] = r.sealed["raw"]
+        self.assertEqual(sealed.seal.key, "raw/k")
+        self.assertTrue(any("checkpoint" in text for text, _ in r.problems))
+
+    def test_log_that_cannot_be_opened_fails_without_crashing(self) -> None:
+        """
+        A log that cannot be read at all fails (503 wal_failed, logged,
+        counted) instead of stopping the process or retrying in a loop.
+        """
+        self.directory = temp_dir(self)
+        os.mkdir(os.path.join(self.directory, "checkpoint"))
+        wal = self.make_wal()
+        with capturedLogs() as logged:
+            wal.startService()
+        self.addCleanup(self._stop, wal)
+        self.assertEqual(wal.refusal(), "wal_failed")
+        self.assertEqual(self.sample("wal_failed"), 1)
+        self.assertIsNone(self.successResultOf(wal.when_open()))
+        self.assertTrue(any(e.get("log_level") is not None and "could not open" in
+                            str(e.get("log_format")) for e in logged))
+        self.flushLoggedErrors(IsADirectoryError)
