@@ -277,9 +277,8 @@ class WriteAheadLog(Service):
             C{"wal_full"}: they would take the log past C{max_bytes}); the
             callback is then never called.
         """
-        why = self.refusal()
-        if why is not None:
-            return why
+        if self.failed is not None or self._committer is None:
+            return self.refusal()
         seq = self._next_seq
         data = encode_events(stream, seq, events)
         if self._bytes + self._pending_bytes + len(data) > self.max_bytes:

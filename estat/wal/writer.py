@@ -92,7 +92,8 @@ class GroupCommitter:
         self._on_group = on_group
         self._sync = sync
         self._timer = timer
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queue: list = []
         self._stopping = False
         self._on_stopped: Callable | None = None
@@ -112,10 +113,15 @@ class GroupCommitter:
         Queue one encoded record; C{callback(error)} is called on the
         reactor thread once it is durable (C{error} is C{None}) or failed.
         """
-        with self._cond:
-            self._queue.append((data, max_seq, callback))
-            if len(self._queue) == 1:
+        lock = self._lock
+        lock.acquire()  # (not "with self._cond": a Python-level call per request)
+        try:
+            queue = self._queue
+            queue.append((data, max_seq, callback))
+            if len(queue) == 1:
                 self._cond.notify()
+        finally:
+            lock.release()
 
     def stop(self, on_stopped: Callable[[], None]) -> None:
         """
