@@ -47,6 +47,8 @@ sys.path.insert(0, ROOT)
 
 from estat.test.harness import FaultProxy, MotoServer, free_port, parse_metrics, wait_until  # noqa: E402
 
+#: --estat-path: run the servers from another checkout (see start_estat).
+ESTAT_PATH = ""
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,6 +62,8 @@ local uas = {
   "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
   "okhttp/4.12.0", "python-requests/2.32.3"}
 local events = {"page_view", "click", "scroll", "signup", "purchase", "search"}
+local titles = {"Café crème – menu", "東京の天気", "Überraschung! 🎉", "naïve résumé",
+  "Pricing — Estat"}
 local thread_id = math.random(1, 1e9)
 local n = 0
 function event()
@@ -67,12 +71,15 @@ function event()
   return string.format(
     '{"event":"%s","id":"%d-%d-%d","user_id":"u-%d","session_id":"s-%08x","path":"%s",' ..
     '"referrer":"https://ref%d.example.com/p/%d","ua":"%s","screen":{"w":%d,"h":%d},' ..
-    '"value":%d.%02d,"items":%d,"tags":["t%d","t%d"],"client_ts":%d}',
+    '"value":%d.%02d,"items":%d,"tags":["t%d","t%d"],"client_ts":%d,' ..
+    '"title":"%s","props":{"plan":"%s","ab":{"exp":"e%d","arm":%d}}}',
     events[math.random(#events)], thread_id, n, math.random(1e6), math.random(1e6),
     math.random(0, 0x7fffffff), paths[math.random(#paths)], math.random(50), math.random(1e4),
     uas[math.random(#uas)], 320 + math.random(2000), 480 + math.random(1200),
     math.random(0, 9999), math.random(0, 99), math.random(0, 20), math.random(100),
-    math.random(100), 1764000000000 + n)
+    math.random(100), 1764000000000 + n,
+    titles[math.random(#titles)], (math.random(2) == 1) and "free" or "pro",
+    math.random(20), math.random(0, 3))
 end
 """
 
@@ -102,6 +109,7 @@ import sys, orjson
 from klein import Klein
 from twisted.internet import reactor
 from twisted.web.server import Site
+FORMS = sys.argv[2] == "forms"
 app = Klein()
 @app.route("/collect", methods=["POST"])
 def collect(request):
@@ -109,7 +117,8 @@ def collect(request):
     request.setResponseCode(202)
     request.setHeader(b"content-type", b"application/json")
     return b'{"accepted":1}'
-reactor.listenTCP(int(sys.argv[1]), Site(app.resource()), interface="127.0.0.1")
+reactor.listenTCP(int(sys.argv[1]), Site(app.resource(), parsePOSTFormSubmission=FORMS),
+                  interface="127.0.0.1")
 reactor.run()
 """
 
@@ -204,15 +213,19 @@ def start_estat(directory: str, extra: dict) -> Server:
         "AWS_SHARED_CREDENTIALS_FILE": os.path.join(directory, "none"),
     })
     env.update(extra)
+    if ESTAT_PATH:
+        # Another checkout's estat (the "before" of a change), on this venv.
+        env["PYTHONPATH"] = ESTAT_PATH
     return Server([twistd(), "-n", "--pidfile=", "estat"], env, directory, port)
 
 
-def start_baseline(directory: str) -> Server:
+def start_baseline(directory: str, forms: bool = True) -> Server:
     port = free_port()
     path = os.path.join(directory, "baseline.py")
     with open(path, "w") as f:
         f.write(BASELINE_APP)
-    return Server([sys.executable, path, str(port)], dict(os.environ), directory, port)
+    return Server([sys.executable, path, str(port), "forms" if forms else "noforms"],
+                  dict(os.environ), directory, port)
 
 
 def run_wrk(port: int, script: str, duration: float, connections: int = 64,
@@ -269,6 +282,16 @@ def measure(server: Server, script: str, duration: float, events_per_request: in
     }
 
 
+def _code_version() -> str:
+    root = ESTAT_PATH or ROOT
+    try:
+        rev = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        rev = "?"
+    return f"estat at {rev}" + (f" ({root})" if ESTAT_PATH else "")
+
+
 def summary(values: list) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -299,7 +322,11 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--only", default="",
                         help="comma-separated scenarios to run (default: all)")
+    parser.add_argument("--estat-path", default="",
+                        help="serve from this checkout of estat instead (a 'before' run)")
     args = parser.parse_args()
+    global ESTAT_PATH
+    ESTAT_PATH = os.path.abspath(args.estat_path) if args.estat_path else ""
     only = set(filter(None, args.only.split(",")))
 
     def want(name: str) -> bool:
@@ -325,16 +352,19 @@ def main() -> int:
     outage = None
     try:
       if want("baseline"):
-        say(f"== baseline: minimal Klein app, {args.reps} x {args.duration:.0f}s")
-        base = start_baseline(tempfile.mkdtemp(dir=work))
-        runs = []
-        for i in range(args.reps):
-            runs.append(measure(base, scripts["single"], args.duration, 0))
-            say(f"   run {i + 1}: {runs[-1]['rps']:,.0f} req/s")
-        base_rss = peak_rss_mb(base.pid)
-        base.stop()
-        base_rps = statistics.median(r["rps"] for r in runs)
-        rows.append(("baseline (bare Klein, no pipeline)", runs, base_rss, None, 1))
+        for forms, label in ((True, "baseline: naive Klein app (form parsing on), no pipeline"),
+                             (False, "baseline: Klein app, form parsing off, no pipeline")):
+            say(f"== {label}: {args.reps} x {args.duration:.0f}s")
+            base = start_baseline(tempfile.mkdtemp(dir=work), forms=forms)
+            runs = []
+            for i in range(args.reps):
+                runs.append(measure(base, scripts["single"], args.duration, 0))
+                say(f"   run {i + 1}: {runs[-1]['rps']:,.0f} req/s")
+            base_rss = peak_rss_mb(base.pid)
+            base.stop()
+            if forms:
+                base_rps = statistics.median(r["rps"] for r in runs)
+            rows.append((label[len("baseline: "):], runs, base_rss, None, 1))
 
       if any(want(n) for n in ("single-s3", "batch-s3", "outage")):
         moto = MotoServer()
@@ -453,7 +483,9 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}. Server pinned to CPU {SERVER_CPU}, "
         f"wrk (64 keep-alive connections) and moto on CPU {LOAD_CPU}. "
         "Median of the runs, (min-max) when there were several. Full pipeline: "
-        "gzip level 6, all limits, metrics, queue bound.",
+        "gzip level 6, all limits, metrics, queue bound. "
+        f"Server code: {_code_version()}. "
+        "vs baseline: requests/s over the naive Klein app's.",
         "",
         "| scenario | requests/s | events/s | vs baseline | p50 ms | p99 ms | server CPU us/event "
         "| peak RSS MB | objects | 503s |",

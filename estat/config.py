@@ -263,7 +263,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHUTDOWN_TIMEOUT", "25s", _positive_duration, "deadline for a graceful shutdown (keep it below ECS's stopTimeout)"),
     Setting("TRUSTED_PROXIES", "", _cidr_list, "CIDRs whose X-Forwarded-For is believed (e.g. the ALB subnets)"),
     Setting("MAX_PENDING_BATCHES", "4", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
-    Setting("GZIP_LEVEL", "6", _gzip_level, "gzip compression level of stored objects"),
+    Setting("GZIP_LEVEL", "6", _gzip_level, "gzip level of stored objects, 1 (fastest) to 9 (smallest): libdeflate level N, no larger than zlib level N"),
     Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
     Setting("MAX_BATCH_BODY_SIZE", "524288", _positive_int, "largest body of a batch request (JSON array or NDJSON), bytes, also after decompression"),
     Setting("MAX_EVENTS_PER_REQUEST", "500", _positive_int, "most events one request may carry"),

@@ -138,6 +138,8 @@ def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Ans
 
 
 _ALLOW_POST = (b"allow", b"POST, OPTIONS")
+#: RFC 9110, 15.5.2: a 401 names how to authenticate.
+_CHALLENGE = ((b"www-authenticate", b'Bearer realm="estat"'),)
 
 
 @attr.s
@@ -178,7 +180,7 @@ class IngestCore:
             return
         if self._keys_required and not self.write_keys.allows(request):
             respond(self._reject(received, 401, "unauthorized",
-                                 "a valid write key is required", cors))
+                                 "a valid write key is required", cors + _CHALLENGE))
             return
         headers = request.headers
         body = request.body
@@ -216,7 +218,8 @@ class IngestCore:
                     headers = (_JSON_HEADER,) + cors
                     if len(_ACCEPTED_HEADERS) < 256:
                         _ACCEPTED_HEADERS[cors] = headers
-                answer = Answer(202, headers, b'{"accepted":%d}' % count)
+                answer = Answer(202, headers, b'{"accepted":1}' if count == 1
+                                else b'{"accepted":%d}' % count)
                 metrics.http_request_duration.observe(self.clock.seconds() - received)
             else:
                 answer = self.refused(received, refusal, cors, count)

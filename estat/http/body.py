@@ -15,7 +15,10 @@ from typing import Any
 
 import attr
 
-from ..event import EventRejected, check_event, parse_json
+import orjson
+
+from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, EventRejected,
+                     check_event, parse_json)
 
 __all__ = ["BodyRejected", "Limits", "decode_content", "decode_events", "is_ndjson"]
 
@@ -145,6 +148,16 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
     if content_type is not None and is_ndjson(content_type):
         return _decode_ndjson(body, limits), True
     first = body[:1]
+    if (first == b"{" and len(body) <= limits.event_size
+            and _NINETEEN_DIGITS not in body.translate(_DIGITS_TO_ZERO)):
+        # The common case, one plain object, in one step; anything else
+        # (and every refusal) takes the general path below.
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict and SERVER_FIELD not in obj:
+            return [(obj, body)], False
     if first != b"{" and body.lstrip()[:1] == b"[":
         if len(body) > limits.body_size:
             raise BodyRejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")

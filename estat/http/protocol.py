@@ -41,7 +41,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from ..ingest import Answer, IngestRequest
 
@@ -60,10 +60,14 @@ MAX_PIPELINED = 32
 _STATUS_LINES: dict = {}
 
 
+#: Reasons twisted.web's table lacks.
+_REASONS = {431: b"Request Header Fields Too Large"}
+
+
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     if line is None:
-        reason = RESPONSES.get(status, b"Unknown")
+        reason = _REASONS.get(status) or RESPONSES.get(status, b"Unknown")
         line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
     return line
 
@@ -141,15 +145,44 @@ def _slot(data: bytes | None = None, close: bool = False, slow: tuple | None = N
     return slot
 
 
+class _RouteRequest(Request):
+    """
+    A twisted.web request whose answer is written whole, with a
+    C{Content-Length}: these routes answer small documents, and a length
+    (never chunked) lets an HTTP/1.0 keep-alive client keep its connection.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts: list = []
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self._disconnected:
+            return super().write(data)
+        self._parts.append(data)
+
+    def finish(self) -> None:
+        if not self.finished and not self._disconnected:
+            body = b"".join(self._parts)
+            self._parts = []
+            if self.responseHeaders.getRawHeaders(b"content-length") is None:
+                self.setHeader(b"content-length", b"%d" % len(body))
+            super().write(body)
+        return super().finish()
+
+
 class _RouteSite(Site):
     """
     The twisted.web site of the other routes: no access log, no timeouts
     (the protocol keeps the connection's deadlines), no form parsing.
     """
 
+    requestFactory = _RouteRequest
+
     def __init__(self, resource, reactor=None) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, timeout=None,
                          reactor=reactor)
+        self.requestFactory = _RouteRequest
         self.noisy = False
 
     def log(self, request) -> None:
@@ -163,6 +196,18 @@ class _RouteChannel(HTTPChannel):
     """
 
     owner: "FastHTTPProtocol" = None  # type: ignore[assignment]
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        # twisted.web ends every HTTP/1.0 connection; here an HTTP/1.0
+        # client that asked for keep-alive keeps it (the answer has a
+        # Content-Length: _RouteRequest), as on the event routes.
+        if version == b"HTTP/1.0":
+            connection = request.requestHeaders.getRawHeaders(b"connection") or [b""]
+            if b"keep-alive" in connection[0].lower():
+                request.responseHeaders.setRawHeaders(b"connection", [b"keep-alive"])
+                return True
+            return False
+        return super().checkPersistence(request, version)
 
     def requestDone(self, request) -> None:
         super().requestDone(request)
@@ -398,7 +443,7 @@ class FastHTTPProtocol(Protocol):
                 "HTTP version not supported; use HTTP/1.1"))
         method = self._method = parser.get_method()
         if method == b"CONNECT":
-            raise _Refused(405, "upgrade_refused", _json_error("CONNECT is not supported"))
+            raise _Refused(501, "upgrade_refused", _json_error("CONNECT is not supported"))
         if b"upgrade" in headers:
             raise _Refused(400, "upgrade_refused", _json_error(
                 "protocol upgrades are not supported; use HTTP/1.1"))
@@ -444,8 +489,7 @@ class FastHTTPProtocol(Protocol):
         body = body[0] if len(body) == 1 else b"".join(body)
         route = self._route
         if route is None:
-            # twisted.web ends every HTTP/1.0 connection after its answer.
-            close = not keep_alive or self._version == "1.0"
+            close = not keep_alive
             self._ending = close
             self._push(_slot(close=close, slow=(
                 self._method, self._url, self._version, self._headers, body)))
@@ -463,10 +507,20 @@ class FastHTTPProtocol(Protocol):
         def respond(answer: Answer) -> None:
             if factory.draining:
                 slot.close = True
-            slot.data = factory.render(answer, slot.close, keep_alive_10, head)
+            data = factory.render(answer, slot.close, keep_alive_10, head)
             pending = self._pending
             if pending and pending[0] is slot:
+                if len(pending) == 1 and not slot.close and not self._paused:
+                    # The common case: the only answer due, written at once.
+                    pending.clear()
+                    self.transport.write(data)
+                    if not self._in_message:
+                        self._idle(factory.clock.seconds())
+                    return
+                slot.data = data
                 self._flush()
+            else:
+                slot.data = data
 
         route(IngestRequest(method, self._path, self._query, self._headers, body, self.peer,
                             factory.clock.seconds()), respond)
@@ -562,7 +616,18 @@ class FastHTTPProtocol(Protocol):
             if slot.close or self.factory.draining:
                 self._close_after_answers()
                 return
+        if self._pending:
+            # Go on in the next reactor turn: a pipeline of /metrics
+            # requests must not keep every other connection waiting.
+            self._slow_busy = True
+            self.factory.clock.callLater(0, self._resume_after_slow)
+            return
         self._flush()
+
+    def _resume_after_slow(self) -> None:
+        self._slow_busy = False
+        if not self._broken:
+            self._flush()
 
     def _channel_closes(self) -> None:
         # The twisted.web channel decided the connection ends (HTTP/1.0,

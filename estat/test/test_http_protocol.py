@@ -166,6 +166,10 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.held[0](Answer(202, (), b"first"))
         self.assertEqual([b for _, _, b in parse_all(transport.value())],
+                         [b"first", b"page /a"])
+        # The answers after a twisted.web route go out in the next turn.
+        self.clock.advance(0)
+        self.assertEqual([b for _, _, b in parse_all(transport.value())],
                          [b"first", b"page /a", b"second"])
 
     def test_late_answer_after_disconnect_is_dropped(self):
@@ -208,6 +212,21 @@ class ProtocolTests(SynchronousTestCase):
         [(_, headers, _)], transport = self.exchange(
             b"POST /collect HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(headers[b"connection"], b"keep-alive")
+        self.assertFalse(transport.disconnecting)
+
+    def test_http10_keep_alive_on_twisted_web_routes(self):
+        """
+        An HTTP/1.0 client that asks for keep-alive keeps its connection on
+        the twisted.web routes too: the answer has a length and says so.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                              b"POST /collect HTTP/1.0\r\nConnection: keep-alive\r\n"
+                              b"Content-Length: 2\r\n\r\n{}")
+        [(_, first, body), (status, second, _)] = parse_all(transport.value())
+        self.assertEqual((body, first[b"connection"], first[b"content-length"]),
+                         (b"page /healthz", b"keep-alive", b"13"))
+        self.assertEqual((status, second[b"connection"]), (202, b"keep-alive"))
         self.assertFalse(transport.disconnecting)
 
     def test_head_has_no_body(self):
@@ -262,7 +281,7 @@ class ProtocolTests(SynchronousTestCase):
                            b"Upgrade: websocket\r\n\r\n", 400, "upgrade_refused")
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n", 400,
                            "upgrade_refused")
-        self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 405,
+        self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501,
                            "upgrade_refused")
 
     def test_http2_preface(self):
@@ -398,7 +417,7 @@ class ProtocolTests(SynchronousTestCase):
         for first in (b"POST /collect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                       b"Content-Length: 2\r\n\r\n{}",
                       b"POST /collect HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
-                      b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"):
+                      b"GET /healthz HTTP/1.0\r\n\r\n"):
             self.handled[:] = []
             responses, transport = self.exchange(first + post)
             self.assertEqual(len(responses), 1, first)

@@ -388,3 +388,28 @@ class OtherRoutesTests(APITestsMixin, SynchronousTestCase):
             self.assertEqual(self.header(response, "content-type"), [b"application/json"])
             self.assertIn("error", json.loads(content))
         self.assertEqual(self.queued(), [])
+
+
+# --- the same tests through the httptools protocol ------------------------------------------
+
+from estat.test.fastpath import FastPathRequests  # noqa: E402
+
+
+class CollectFastPathTests(FastPathRequests, CollectTests):
+    """L{CollectTests} through L{estat.http.protocol}."""
+
+
+class RejectFastPathTests(FastPathRequests, RejectTests):
+    """L{RejectTests} through L{estat.http.protocol}."""
+
+
+class BatchFastPathTests(FastPathRequests, BatchTests):
+    """L{BatchTests} through L{estat.http.protocol}."""
+
+
+class ClientAddressFastPathTests(FastPathRequests, ClientAddressTests):
+    """L{ClientAddressTests} through L{estat.http.protocol}."""
+
+
+class OtherRoutesFastPathTests(FastPathRequests, OtherRoutesTests):
+    """L{OtherRoutesTests} through L{estat.http.protocol} (handed to Klein)."""

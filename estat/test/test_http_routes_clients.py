@@ -520,3 +520,28 @@ class OpenAPITests(ClientAPIMixin, SynchronousTestCase):
             for part in ref[2:].split("/"):
                 self.assertIn(part, node, ref)
                 node = node[part]
+
+
+# --- the same tests through the httptools protocol ------------------------------------------
+
+from estat.test.fastpath import FastPathRequests  # noqa: E402
+
+
+class BatchFastPathTests(FastPathRequests, BatchTests):
+    """L{BatchTests} through L{estat.http.protocol}."""
+
+
+class EncodingFastPathTests(FastPathRequests, EncodingTests):
+    """L{EncodingTests} through L{estat.http.protocol}."""
+
+
+class WriteKeyFastPathTests(FastPathRequests, WriteKeyTests):
+    """L{WriteKeyTests} through L{estat.http.protocol}."""
+
+
+class CorsFastPathTests(FastPathRequests, CorsTests):
+    """L{CorsTests} through L{estat.http.protocol}."""
+
+
+class OpenAPIFastPathTests(FastPathRequests, OpenAPITests):
+    """L{OpenAPITests} through L{estat.http.protocol} (handed to Klein)."""
