@@ -15,7 +15,7 @@ AWS_ACCOUNT_ID ?=
 ECR_REPO ?= estat
 ECR_REGISTRY = $(AWS_ACCOUNT_ID).dkr.ecr.$(AWS_REGION).amazonaws.com
 
-.PHONY: venv run-local test bench soak build push clean
+.PHONY: venv run-local test bench soak crash-soak build push clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# SIGKILL under load, ACK_MODE=disk and stored, local store and moto S3 via the fault proxy
+crash-soak: $(STAMP)
+	$(BIN)/python bench/crash.py --output bench/CRASH.md $(CRASH_ARGS)
 
 build:
 	docker build -t $(IMAGE):$(TAG) .

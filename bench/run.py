@@ -14,12 +14,17 @@ Scenarios:
   single-s3     one event per POST, moto S3 server on loopback
   batch-s3      100 events per POST, moto S3 server
   half-rate     one event per POST at half the measured maximum: p50/p99
+  single-disk   one event per POST, ACK_MODE=disk (write-ahead log), local store
+  batch-disk    100 events per POST, ACK_MODE=disk, local store
+  half-rate-disk  ACK_MODE=disk at half the memory mode's maximum: p50/p99
+  single-stored one event per POST, ACK_MODE=stored, FLUSH_INTERVAL=200ms, local store
   outage        S3 answers 503 SlowDown for 60 s under steady load
 
 Server CPU is read from /proc/<pid>/stat (user+system), peak RSS from
 VmHWM.  Loopback only; every process started here is ended by its PID.
 
     python bench/run.py [--duration 10] [--reps 3] [--outage 60] [--quick]
+                        [--only single-local,single-disk,...]
 """
 
 from __future__ import annotations
@@ -201,6 +206,7 @@ def start_estat(directory: str, extra: dict) -> Server:
         "HTTP_ADDR": f"127.0.0.1:{port}",
         "LOCAL_STORE_DIR": os.path.join(directory, "store"),
         "DLQ_DIR": os.path.join(directory, "dlq"),
+        "WAL_DIR": os.path.join(directory, "wal"),
         "INSTANCE_ID": "bench",
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_CONFIG_FILE": os.path.join(directory, "none"),
@@ -314,11 +320,18 @@ def main() -> int:
     parser.add_argument("--outage", type=float, default=60)
     parser.add_argument("--quick", action="store_true", help="1 rep of 5 s, 20 s outage")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--estat-path", default="",
                         help="serve from this checkout of estat instead (a 'before' run)")
     args = parser.parse_args()
     global ESTAT_PATH
     ESTAT_PATH = os.path.abspath(args.estat_path) if args.estat_path else ""
+    only = set(filter(None, args.only.split(",")))
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
     if args.quick:
         args.duration, args.reps, args.outage = 5, 1, 20
     for tool in ("wrk", "taskset"):
@@ -335,7 +348,10 @@ def main() -> int:
     rows = []
     notes = []
     moto = None
+    base_rps = None
+    outage = None
     try:
+      if want("baseline"):
         for forms, label in ((True, "baseline: naive Klein app (form parsing on), no pipeline"),
                              (False, "baseline: Klein app, form parsing off, no pipeline")):
             say(f"== {label}: {args.reps} x {args.duration:.0f}s")
@@ -350,18 +366,29 @@ def main() -> int:
                 base_rps = statistics.median(r["rps"] for r in runs)
             rows.append((label[len("baseline: "):], runs, base_rss, None, 1))
 
+      if any(want(n) for n in ("single-s3", "batch-s3", "outage")):
         moto = MotoServer()
         say(f"   moto S3 on {moto.endpoint} (SigV4 checked)")
         s3_env = {"RAW_BUCKET": moto.bucket, "S3_ENDPOINT_URL": moto.endpoint,
                   "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": moto.access_key,
                   "AWS_SECRET_ACCESS_KEY": moto.secret_key}
+      else:
+        s3_env = None
+      if True:
         single_max = None
+        disk_env = {"ACK_MODE": "disk"}
+        stored_env = {"ACK_MODE": "stored", "FLUSH_INTERVAL": "200ms"}
         for name, script, per_request, extra in (
             ("single-local", "single", 1, {}),
             ("batch-local", "batch", 100, {}),
             ("single-s3", "single", 1, s3_env),
             ("batch-s3", "batch", 100, s3_env),
+            ("single-disk", "single", 1, disk_env),
+            ("batch-disk", "batch", 100, disk_env),
+            ("single-stored", "single", 1, stored_env),
         ):
+            if not want(name):
+                continue
             say(f"== {name}: {args.reps} x {args.duration:.0f}s")
             directory = tempfile.mkdtemp(dir=work)
             prefix = f"raw-{name}"
@@ -374,25 +401,32 @@ def main() -> int:
                     f"p99 {r['p99']} ms, 503s {r['rejected']:.0f}")
             rss = peak_rss_mb(server.pid)
             result = drain_and_count(server, os.path.join(directory, "store"),
-                                     moto if extra else None, prefix)
+                                     moto if extra is s3_env else None, prefix)
             rows.append((name, runs, rss, result, per_request))
             if name == "single-local":
                 single_max = statistics.median(r["rps"] for r in runs)
 
-        say(f"== half-rate: one event per POST at {single_max / 2:,.0f} req/s")
-        directory = tempfile.mkdtemp(dir=work)
-        server = start_estat(directory, {"RAW_PREFIX": "raw-half"})
-        interval_ms = 64 * 1000 / (single_max / 2)
-        runs = []
-        for i in range(args.reps):
+        for half, extra, label in (("half-rate", {}, "half-rate (single, local)"),
+                                   ("half-rate-disk", disk_env,
+                                    "half-rate-disk (single, local, ACK_MODE=disk)")):
+          if not want(half) or not single_max:
+            continue
+          say(f"== {half}: one event per POST at {single_max / 2:,.0f} req/s "
+              f"(half of single-local's maximum)")
+          directory = tempfile.mkdtemp(dir=work)
+          server = start_estat(directory, {"RAW_PREFIX": "raw-half", **extra})
+          interval_ms = 64 * 1000 / (single_max / 2)
+          runs = []
+          for i in range(args.reps):
             runs.append(measure(server, scripts["rate"], args.duration, 1,
                                 env={"BENCH_INTERVAL_MS": f"{interval_ms:.3f}"}))
             r = runs[-1]
             say(f"   run {i + 1}: {r['rps']:,.0f} req/s, p50 {r['p50']} ms, p99 {r['p99']} ms")
-        rss = peak_rss_mb(server.pid)
-        result = drain_and_count(server, os.path.join(directory, "store"), None, "raw-half")
-        rows.append(("half-rate (single, local)", runs, rss, result, 1))
+          rss = peak_rss_mb(server.pid)
+          result = drain_and_count(server, os.path.join(directory, "store"), None, "raw-half")
+          rows.append((label, runs, rss, result, 1))
 
+      if want("outage"):
         say(f"== outage: S3 answers 503 SlowDown for {args.outage:.0f}s under full load")
         proxy = FaultProxy(moto.port)
         directory = tempfile.mkdtemp(dir=work)
@@ -460,13 +494,14 @@ def main() -> int:
     for name, runs, rss, result, per_request in rows:
         rps = summary([r["rps"] for r in runs])
         eps = summary([r["eps"] for r in runs])
-        ratio = statistics.median(r["rps"] for r in runs) / base_rps
+        ratio = (f"{statistics.median(r['rps'] for r in runs) / base_rps:.2f}x"
+                 if base_rps else "-")
         lines.append(
-            f"| {name} | {rps} | {eps} | {ratio:.2f}x | {summary([r['p50'] for r in runs])} "
+            f"| {name} | {rps} | {eps} | {ratio} | {summary([r['p50'] for r in runs])} "
             f"| {summary([r['p99'] for r in runs])} | {summary([r['cpu_us_per_event'] for r in runs])} "
             f"| {rss:.0f} | {result['objects'] if result else '-'} "
             f"| {summary([r['rejected'] for r in runs]) if per_request else '-'} |")
-    lines += [
+    lines += [] if outage is None else [
         "",
         f"S3 outage ({args.outage:.0f}s of 503 SlowDown under full single-event load): "
         f"{outage['accepted']:,.0f} events accepted, {outage['rejected']:,.0f} requests shed "

@@ -167,6 +167,13 @@ def _public_url(text: str) -> str:
     return value
 
 
+def _ack_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("memory", "disk", "stored"):
+        raise ValueError("must be 'memory', 'disk' or 'stored'")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -280,6 +287,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PUBLIC_URL", "", _public_url, "this server's URL as browsers reach it (https://collect.example.com), for analytics.js settings; empty: from the request"),
     Setting("DEDUP_WINDOW", "10m", parse_duration, "a messageId admitted this recently is acknowledged and not stored again; 0 disables"),
     Setting("DEDUP_MAX_IDS", "100000", _positive_int, "most message ids the dedup window holds (about 75 bytes each); past it the oldest are forgotten early"),
+    # Acknowledgement modes (what a 202 promises).
+    Setting("ACK_MODE", "memory", _ack_mode, "when a 202 is sent: memory (queued), disk (in the write-ahead log, fdatasync'd) or stored (in the store or the DLQ)"),
+    Setting("WAL_DIR", "/tmp/wal", _non_empty_string, "directory of the write-ahead log (ACK_MODE=disk); one process per directory"),
+    Setting("WAL_MAX_SIZE_BYTES", "1073741824", _positive_int, "size cap of the write-ahead log; beyond it POSTs get 503"),
+    Setting("WAL_SEGMENT_SIZE_BYTES", "16777216", _positive_int, "the write-ahead log starts a new segment file at this size"),
+    Setting("ACK_MAX_WAITING", "10000", _positive_int, "requests that may wait for their acknowledgement at once (ACK_MODE=stored); beyond, 503"),
 )
 
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -328,6 +341,11 @@ class Config:
     public_url: str = attr.ib()
     dedup_window: float = attr.ib()
     dedup_max_ids: int = attr.ib()
+    ack_mode: str = attr.ib(default="memory")
+    wal_dir: str = attr.ib(default="/tmp/wal")
+    wal_max_size_bytes: int = attr.ib(default=1073741824)
+    wal_segment_size_bytes: int = attr.ib(default=16777216)
+    ack_max_waiting: int = attr.ib(default=10000)
 
     @classmethod
     def defaults(cls, **overrides: Any) -> "Config":

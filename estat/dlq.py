@@ -460,10 +460,10 @@ class DiskDeadLetterQueue(Service):
                     created = dlq_file_created(name)
                 except ValueError:
                     continue
+                if retry_at.get(name, 0) > now:
+                    continue
                 if now - created > self.max_age:
                     expired.append(DLQFile(name, entry.stat().st_size))
-                    continue
-                if retry_at.get(name, 0) > now:
                     continue
                 if oldest is None or name < oldest:
                     oldest = name
@@ -474,13 +474,6 @@ class DiskDeadLetterQueue(Service):
         except FileNotFoundError:
             return ScanResult(None, expired, scanned)
         return ScanResult(DLQFile(oldest, size), expired, scanned)
-
-    def _remove(self, name: str) -> bool:
-        try:
-            os.unlink(os.path.join(self.directory, name))
-            return True
-        except FileNotFoundError:
-            return False
 
     def _quarantine(self, name: str) -> None:
         os.replace(os.path.join(self.directory, name),
@@ -501,10 +494,11 @@ class DiskDeadLetterQueue(Service):
         @return: C{"empty"}, C{"stored"}, C{"failed"} or C{"quarantined"}.
         """
         result = await self.run_in_thread(self.scan, dict(self._retry_at))
+        expired = 0
         for f in result.expired:
-            await self._expire(f)
+            expired += await self._expire(f)
         if result.oldest is None:
-            return "empty" if not result.expired else "skipped"
+            return "skipped" if expired else "empty"
         f = result.oldest
         claim = await self.run_in_thread(Claim.take, os.path.join(self.directory, f.name))
         if claim is None:
@@ -547,22 +541,44 @@ class DiskDeadLetterQueue(Service):
                       count=obj.count, key=obj.key)
         return "stored"
 
-    async def _expire(self, f: DLQFile) -> None:
-        path = os.path.join(self.directory, f.name)
+    async def _expire(self, f: DLQFile) -> bool:
+        count = await self.run_in_thread(self._remove_expired, f.name)
+        if count is None:
+            # Claimed (by `estat-dlq replay`, uploading it right now) or
+            # already gone: not ours to drop.  Look again later.
+            self._retry_at[f.name] = self.clock.seconds() + self.interval
+            return False
+        self._forget(f)
+        self.metrics.dlq_events_dropped.inc(count)
+        self.metrics.events_dropped.labels("dlq_expired").inc(count)
+        self.log.error("dead-letter file {name} is older than {max_age}s; deleted, "
+                       "{count} events lost", name=f.name, max_age=self.max_age,
+                       count=count, reason="dlq_expired")
+        return True
+
+    def _remove_expired(self, name: str) -> int | None:
+        """
+        In a thread: delete an expired file under its claim, so that a file
+        another process is uploading at this moment is never deleted and
+        counted as dropped.
+
+        @return: its event count, or C{None} if it is claimed or gone.
+        """
+        claim = Claim.take(os.path.join(self.directory, name))
+        if claim is None:
+            return None
         try:
-            obj_count = await self.run_in_thread(_count_events, path)
-        except Exception:
-            obj_count = 0
-        if await self.run_in_thread(self._remove, f.name):
-            self._forget(f)
-            self.metrics.dlq_events_dropped.inc(obj_count)
-            self.metrics.events_dropped.labels("dlq_expired").inc(obj_count)
-            self.log.error("dead-letter file {name} is older than {max_age}s; deleted, "
-                           "{count} events lost", name=f.name, max_age=self.max_age,
-                           count=obj_count, reason="dlq_expired")
+            try:
+                count = _count_events_fd(claim.fd)
+            except (OSError, ValueError, KeyError, TypeError):
+                count = 0
+            claim.remove()
+            return count
+        finally:
+            claim.release()
 
 
-def _count_events(path: str) -> int:
-    with open(path, "rb") as f:
-        line = f.readline(65536)
-    return int(json.loads(line)["count"])
+def _count_events_fd(fd: int) -> int:
+    os.lseek(fd, 0, os.SEEK_SET)
+    head = os.read(fd, 65536)
+    return int(json.loads(head[:head.index(b"\n")])["count"])

@@ -64,18 +64,21 @@ class KeyMaker:
     instance_id: str = attr.ib()
     entropy: Callable[[int], bytes] = attr.ib(default=os.urandom)
 
-    def batch_key(self, first_event_at: float, sealed_at: float) -> str:
+    def batch_key(self, first_event_at: float, sealed_at: float,
+                  unique: str | None = None) -> str:
         """
         The key of a batch whose first event was received at
         C{first_event_at} and that was sealed at C{sealed_at} (epoch
-        seconds).
+        seconds).  C{unique} (16 hex digits) replaces the random part: the
+        write-ahead log derives it from its id and the batch's sequence
+        numbers.
         """
         first = datetime.datetime.fromtimestamp(first_event_at, tz=datetime.timezone.utc)
         sealed = datetime.datetime.fromtimestamp(sealed_at, tz=datetime.timezone.utc)
         stamp = sealed.strftime("%Y%m%dT%H%M%S") + f"{sealed.microsecond // 1000:03d}Z"
         return (
             f"{self.raw_prefix}/dt={first:%Y-%m-%d}/hour={first:%H}/"
-            f"{self.instance_id}-{stamp}-{self.entropy(8).hex()}.jsonl.gz"
+            f"{self.instance_id}-{stamp}-{unique or self.entropy(8).hex()}.jsonl.gz"
         )
 
     def poison_key(self, batch_key: str) -> str:

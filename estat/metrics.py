@@ -221,6 +221,46 @@ class Metrics:
             "Events still in memory when the shutdown deadline passed",
             registry=r)
 
+        # --- acknowledgement modes (ACK_MODE=disk: the write-ahead log) ---
+        self.wal_bytes_current = Gauge(
+            "wal_bytes_current", "Bytes in the write-ahead log's segments", registry=r)
+        self.wal_segments_current = Gauge(
+            "wal_segments_current", "Segment files of the write-ahead log", registry=r)
+        # Observed on the reactor thread once per group commit.
+        self.wal_commit_duration = HotHistogram(
+            "wal_commit_duration_seconds",
+            "Time of one group commit (write + fdatasync)",
+            (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+             0.1, 0.25, 1.0), r)
+        self.wal_commit_batch_size = HotHistogram(
+            "wal_commit_batch_size", "Records (requests and seals) made durable by one group commit",
+            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), r)
+        self.wal_events_replayed = Counter(
+            "wal_events_replayed",
+            "Events read back from the write-ahead log at start-up and uploaded again",
+            registry=r)
+        self.wal_records_set_aside = Counter(
+            "wal_records_set_aside",
+            "Damaged stretches of the write-ahead log set aside at start-up (copied to "
+            "WAL_DIR/corrupt); their events cannot be replayed", registry=r)
+        self.wal_full_refusals = Counter(
+            "wal_full_refusals",
+            "Requests refused with 503 because the write-ahead log was at WAL_MAX_SIZE_BYTES",
+            registry=r)
+        self.wal_failed = Gauge(
+            "wal_failed",
+            "1 once a write or fsync of the write-ahead log failed: no more events are "
+            "accepted until a restart", registry=r)
+        self.ack_requests_waiting = Gauge(
+            "ack_requests_waiting",
+            "Requests waiting for their acknowledgement (ACK_MODE=disk: the fsync; "
+            "stored: the upload)", registry=r)
+        #: Callables giving each admission's waiting requests (read at scrape
+        #: time, so that the hot path pays nothing for this gauge).
+        self.ack_waiting_sources: list = []
+        self.ack_requests_waiting.set_function(
+            lambda: sum(source() for source in self.ack_waiting_sources))
+
     def exposition(self) -> bytes:
         """
         The registry in Prometheus' text format.

@@ -12,7 +12,7 @@ import sys
 from functools import partial
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
@@ -174,6 +174,17 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         lambda: batcher.pending_batches + segment_batcher.pending_batches)
     api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness,
                     handler_for=segment.handler_for)
+    wal, replays, settle = _ack_mode(config, core, queue, batcher, uploader, metrics, reactor,
+                                     run_in_thread)
+    # The Segment stream takes the same acknowledgement mode: its own
+    # stream in the same write-ahead log, or its own ledger of waiters.
+    replays = replays + _segment_ack_mode(config, wal, segment, segment_queue,
+                                          segment_batcher, uploader, metrics)
+    if settle is not None:
+        first_settle = settle
+
+        def settle() -> Deferred:
+            return gatherResults([first_settle(), segment_batcher.drain()])
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -208,6 +219,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         site=site,
         clock=reactor,
         grace=min(5.0, config.shutdown_timeout / 4),
+        settle=settle,
     )
     service = EstatService(
         http=http,
@@ -222,6 +234,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         shutdown_timeout=config.shutdown_timeout,
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
         streams=[(segment_queue, segment_batcher)],
+        wal=wal,
+        replays=replays,
     )
     service.api = api
     service.segment = segment
@@ -264,6 +278,64 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
     return queue, batcher, segment
 
 
+def _ack_mode(config: Config, core: IngestCore, queue: EventQueue, batcher: Batcher,
+              uploader: Uploader, metrics: Metrics, reactor, run_in_thread):
+    """
+    Wire C{ACK_MODE}: the admission of the C{/collect} stream, and for
+    C{disk} the write-ahead log.  Returns C{(wal, replays, settle)}.
+    C{memory} leaves the core's L{QueueAdmission} and adds nothing.
+    """
+    if config.ack_mode == "disk":
+        from .wal.admission import WalAdmission
+        from .wal.log import WriteAheadLog
+
+        wal = WriteAheadLog(
+            directory=config.wal_dir, metrics=metrics, clock=reactor,
+            call_from_thread=reactor.callFromThread, run_in_thread=run_in_thread,
+            segment_size=config.wal_segment_size_bytes, max_bytes=config.wal_max_size_bytes)
+        admission = WalAdmission(wal=wal, queue=queue, upload=uploader.upload,
+                                 key_maker=batcher.key_maker, metrics=metrics,
+                                 replay_concurrency=config.max_pending_batches)
+        core.admission = admission
+        batcher.sink = admission.sink
+        return wal, [lambda recovered: admission.replay(recovered, batcher)], None
+    if config.ack_mode == "stored":
+        from .wal.admission import StoredAdmission
+
+        admission = StoredAdmission(queue=queue, upload=uploader.upload, metrics=metrics,
+                                    max_waiting=config.ack_max_waiting)
+        core.admission = admission
+        batcher.sink = admission.sink
+        return None, [], batcher.drain
+    return None, [], None
+
+
+def _segment_ack_mode(config: Config, wal, segment, queue: EventQueue, batcher: Batcher,
+                      uploader: Uploader, metrics: Metrics) -> list:
+    """
+    C{ACK_MODE} for the Segment stream, as L{_ack_mode} wires /collect's;
+    returns its replays (C{disk}), if any.
+    """
+    if config.ack_mode == "disk":
+        from .wal.admission import WalAdmission
+
+        admission = WalAdmission(wal=wal, queue=queue, upload=uploader.upload,
+                                 key_maker=batcher.key_maker, metrics=metrics,
+                                 stream=segment.stream,
+                                 replay_concurrency=config.max_pending_batches)
+        segment.admission = admission
+        batcher.sink = admission.sink
+        return [lambda recovered: admission.replay(recovered, batcher)]
+    if config.ack_mode == "stored":
+        from .wal.admission import StoredAdmission
+
+        admission = StoredAdmission(queue=queue, upload=uploader.upload, metrics=metrics,
+                                    max_waiting=config.ack_max_waiting)
+        segment.admission = admission
+        batcher.sink = admission.sink
+    return []
+
+
 def _exit_zero_after_signal(reactor) -> None:
     """
     twistd exits by re-raising the signal that stopped it (status 143 for
@@ -297,5 +369,15 @@ def makeService(options, reactor=None) -> EstatService:
     if reactor is None:
         from twisted.internet import reactor
     service = build_service(options.config, reactor)
+    if service.wal is not None:
+        from .wal.files import WalInUse
+
+        try:
+            # Now, so that a second process on one WAL_DIR stops with one
+            # clear line rather than a traceback.
+            service.wal.privilegedStartService()
+        except (WalInUse, OSError) as e:
+            sys.stderr.write(f"estat: {e}\n")
+            raise SystemExit(2)
     tune_interpreter()
     return service

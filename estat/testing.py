@@ -121,3 +121,50 @@ class MemoryDeadLetterQueue:
         if self.accept:
             self.kept.append(encoded)
         return succeed(self.accept)
+
+
+class ManualCommitter:
+    """
+    The write-ahead log's writer with no thread: L{submit} queues, and
+    L{flush} commits everything queued as one group, for real, on the
+    calling thread (the same C{commit} the thread runs), then reports it as
+    the thread would.  Built like L{estat.wal.writer.GroupCommitter}.
+    """
+
+    def __init__(self, directory, first_segment, segment_size, call_from_thread, on_group,
+                 sync=None, commit_delay=0.0) -> None:
+        import os
+
+        from .wal.writer import GroupCommitter
+
+        self.writer = GroupCommitter(directory, first_segment, segment_size,
+                                     call_from_thread, on_group,
+                                     sync=sync or os.fdatasync, timer=lambda: 0.0)
+        self.on_group = on_group
+        self.queued: list = []
+        self.stopped = False
+
+    @property
+    def segment(self) -> int:
+        return self.writer.segment
+
+    def start(self) -> None:
+        self.writer._open(self.writer.segment)
+
+    def submit(self, data, max_seq, callback) -> None:
+        self.queued.append((data, max_seq, callback))
+
+    def flush(self) -> None:
+        if self.queued:
+            queued, self.queued = self.queued, []
+            self.on_group(self.writer.commit(queued))
+
+    def stop(self, on_stopped) -> None:
+        import os
+
+        self.flush()
+        if self.writer._fd is not None:
+            os.close(self.writer._fd)
+            self.writer._fd = None
+        self.stopped = True
+        on_stopped()

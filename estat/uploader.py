@@ -73,19 +73,22 @@ class Uploader:
 
     def upload(self, batch: Batch) -> Deferred:
         """
-        Encode, store or dead-letter C{batch}.  The Deferred fires with
-        C{None} once every event has a fate; it never fails.
+        Encode, store or dead-letter C{batch}.  The Deferred fires once every
+        event has a fate, with C{True} if every one is stored or durably in
+        the dead-letter queue, C{False} if some were dropped (and counted);
+        it never fails.
         """
         return Deferred.fromCoroutine(self._upload(batch))
 
-    async def _upload(self, batch: Batch) -> None:
+    async def _upload(self, batch: Batch) -> bool:
         try:
             objects = await self.run_in_thread(encode_batch, batch, self.gzip_level)
         except Exception:
             self.log.failure("could not encode batch {key} ({count} events dropped)",
                              key=batch.key, count=batch.count)
             self._dropped("encode_failed", batch.count)
-            return
+            return False
+        kept = True
         for obj in objects:
             if obj.poison:
                 self.metrics.encoder_poison_events.inc(obj.count)
@@ -94,10 +97,13 @@ class Uploader:
                     "their raw originals go to {poison_key}",
                     count=obj.count, key=batch.key, poison_key=obj.key)
             try:
-                await self.deliver(obj)
+                if not await self.deliver(obj):
+                    kept = False
             except Exception:
                 self.log.failure("unexpected error delivering {key}", key=obj.key)
                 self._dropped("unexpected_error", obj.count)
+                kept = False
+        return kept
 
     def _dropped(self, reason: str, count: int) -> None:
         self.metrics.dlq_events_dropped.inc(count)
@@ -107,12 +113,12 @@ class Uploader:
         """
         Put C{obj}, retrying; on failure hand it to the dead-letter queue.
 
-        @return: whether it was stored.
+        @return: whether it was stored or durably dead-lettered (C{False}:
+            dropped, and counted).
         """
         if await self.put_with_retries(obj, self.retries):
             return True
-        await self.dead_letters.put(obj)
-        return False
+        return bool(await self.dead_letters.put(obj))
 
     async def put_with_retries(self, obj: EncodedObject, retries: int) -> bool:
         """

@@ -40,6 +40,10 @@ class HTTPListenerService(Service):
     site = attr.ib()
     clock: IReactorTime = attr.ib()
     grace: float = attr.ib(default=5.0)
+    #: Awaited after the listener closed and before the grace period
+    #: starts: ACK_MODE=stored drains the pipeline here, so that requests
+    #: waiting for the store get their answers before connections close.
+    settle: Callable[[], Deferred] | None = attr.ib(default=None)
     on_stopping: Callable[[], None] = attr.ib(default=lambda: None)
 
     port = attr.ib(default=None, init=False)
@@ -75,6 +79,8 @@ class HTTPListenerService(Service):
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
         closed = self.site.close_connections()
+        if self.settle is not None:
+            await self.settle()
         timer = self.clock.callLater(self.grace, self._abort, closed)
         await closed
         if timer.active():

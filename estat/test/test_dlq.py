@@ -810,3 +810,35 @@ class StoreIsBackTests(SynchronousTestCase):
         before = [c.getTime() for c in clock.getDelayedCalls()]
         dlq.store_is_back()
         self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], before)
+
+
+class ExpiryRaceTests(DiskQueueMixin, SynchronousTestCase):
+    """
+    A file past C{DLQ_MAX_AGE} that C{estat-dlq replay} holds (uploading it
+    at this moment) is neither deleted nor counted as dropped.
+    """
+
+    def test_claimed_expired_file_is_left_alone(self) -> None:
+        queue = self.make_queue(deliver=lambda obj: succeed(False), max_age=3600)
+        queue.startService()
+        self.successResultOf(queue.put(make_object("old", count=3)))
+        [name] = self.names()
+        claim = Claim.take(os.path.join(self.directory, name))
+        self.addCleanup(claim.release)
+        self.advance(3700, step=10)
+        self.assertEqual(self.names(), [name])
+        self.assertEqual(self.sample("dlq_events_dropped_total"), 0)
+        self.assertEqual(self.sample("events_dropped_total", {"reason": "dlq_expired"}), 0)
+        # The replay stores it and deletes it: nothing dropped, ever.
+        claim.remove()
+        claim.release()
+        self.advance(30, step=10)
+        self.assertEqual(self.sample("dlq_events_dropped_total"), 0)
+
+    def test_unclaimed_expired_file_is_dropped(self) -> None:
+        queue = self.make_queue(deliver=lambda obj: succeed(False), max_age=3600)
+        queue.startService()
+        self.successResultOf(queue.put(make_object("old", count=3)))
+        self.advance(3700, step=10)
+        self.assertEqual(self.names(), [])
+        self.assertEqual(self.sample("events_dropped_total", {"reason": "dlq_expired"}), 3)

@@ -99,7 +99,7 @@ class StoreTests(UploaderTestsMixin, SynchronousTestCase):
         """
         self.make_uploader()
         batch = make_batch(count=3)
-        self.assertIsNone(self.successResultOf(self.uploader.upload(batch)))
+        self.assertIs(self.successResultOf(self.uploader.upload(batch)), True)
         self.assertEqual(list(self.store.objects), [KEY])
         self.assertEqual(read_lines(self.store.objects[KEY]), [line(0), line(1), line(2)])
         self.assertEqual(self.sample("s3_events_stored_total"), 3)
@@ -356,7 +356,7 @@ class NeverFailsTests(UploaderTestsMixin, SynchronousTestCase):
         self.make_uploader()
         # A payload neither bytes nor UnencodedEvent makes encode_batch raise.
         batch = make_batch(events=[(START, line(0)), (START, 12345), (START, line(1))])
-        self.assertIsNone(self.successResultOf(self.uploader.upload(batch)))
+        self.assertIs(self.successResultOf(self.uploader.upload(batch)), False)
         self.assertEqual(self.store.puts, [])
         self.assertEqual(self.dead_letters.kept, [])
         self.assertEqual(self.sample("dlq_events_dropped_total"), 3)
@@ -368,7 +368,7 @@ class NeverFailsTests(UploaderTestsMixin, SynchronousTestCase):
         A failure of the thread runner itself does not fail the upload.
         """
         self.make_uploader(run_in_thread=lambda f, *a, **k: fail(RuntimeError("pool gone")))
-        self.assertIsNone(self.successResultOf(self.uploader.upload(make_batch(count=2))))
+        self.assertIs(self.successResultOf(self.uploader.upload(make_batch(count=2))), False)
         self.assertEqual(self.sample("events_dropped_total", reason="encode_failed"), 2)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -384,8 +384,25 @@ class NeverFailsTests(UploaderTestsMixin, SynchronousTestCase):
                 return fail(OSError("disk on fire"))
 
         self.uploader.dead_letters = BrokenDeadLetters()
-        self.assertIsNone(self.successResultOf(self.uploader.upload(make_batch(count=3))))
+        self.assertIs(self.successResultOf(self.uploader.upload(make_batch(count=3))), False)
         self.assertEqual(self.sample("events_dropped_total", reason="unexpected_error"), 3)
         self.assertEqual(self.sample("dlq_events_dropped_total"), 3)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
+
+
+class OutcomeTests(UploaderTestsMixin, SynchronousTestCase):
+    """
+    The upload's result says whether every event has a durable home (what
+    ACK_MODE=stored acknowledges).
+    """
+
+    def test_dead_lettered_is_kept(self):
+        self.make_uploader(failures=[StoreError("AccessDenied", retryable=False)])
+        self.assertIs(self.successResultOf(self.uploader.upload(make_batch(count=2))), True)
+        self.assertEqual(len(self.dead_letters.kept), 1)
+
+    def test_dropped_by_the_dead_letter_queue_is_not(self):
+        self.make_uploader(failures=[StoreError("AccessDenied", retryable=False)])
+        self.dead_letters.accept = False
+        self.assertIs(self.successResultOf(self.uploader.upload(make_batch(count=2))), False)
