@@ -354,7 +354,12 @@ class WiringTests(SynchronousTestCase):
         self.assertIs(service.wal, admission.wal)
         self.assertEqual((service.wal.max_bytes, service.wal.segment_size), (12345, 999))
         self.assertEqual(service.batcher.sink, admission.sink)
-        self.assertEqual(len(service.replays), 1)
+        # /collect's stream and the Segment routes' own, in the same log.
+        self.assertEqual(len(service.replays), 2)
+        segment = service.segment.admission
+        self.assertIsInstance(segment, WalAdmission)
+        self.assertIs(segment.wal, service.wal)
+        self.assertEqual(segment.stream, "segment")
         # The log starts after the dead-letter queue and before the batcher.
         self.assertEqual(list(service)[:3], [service.dead_letters, service.wal, service.batcher])
 
@@ -363,8 +368,14 @@ class WiringTests(SynchronousTestCase):
         admission = service.core.admission
         self.assertIsInstance(admission, StoredAdmission)
         self.assertEqual(admission.max_waiting, 7)
-        self.assertEqual(service.http.settle, service.batcher.drain)
         self.assertEqual(service.batcher.sink, admission.sink)
+        self.assertIsInstance(service.segment.admission, StoredAdmission)
+        # The listener's settle drains both streams before the grace period.
+        [(_, segment_batcher)] = service.streams
+        self.assertEqual(segment_batcher.sink, service.segment.admission.sink)
+        self.successResultOf(service.http.settle())
+        self.assertTrue(service.batcher.queue.closed)
+        self.assertTrue(segment_batcher.queue.closed)
 
 
 class _Port:
