@@ -521,3 +521,61 @@ def test_duckdb_sees_one_table_of_unique_messages(estat):
         assert set(types) == {"track", "identify", "page", "screen", "group", "alias"}, types
     finally:
         con.close()
+
+
+def test_ack_mode_disk_replays_segment_messages_after_sigkill(tmp_path):
+    """
+    ACK_MODE=disk: a 200 means the messages are in the write-ahead log
+    (their own stream in it); after a SIGKILL the next process on the
+    same WAL_DIR stores them under SEGMENT_PREFIX, once.
+    """
+    from segment.analytics.request import post
+
+    env = {"ACK_MODE": "disk", "FLUSH_INTERVAL": "120s", "WRITE_KEYS": WRITE_KEY,
+           "WAL_DIR": str(tmp_path / "wal"), "DLQ_DIR": str(tmp_path / "dlq"),
+           "LOCAL_STORE_DIR": str(tmp_path / "store")}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = EstatProcess(env, directory=str(tmp_path / "first"))
+    second = None
+    try:
+        first.wait_ready()
+        ids = [f"wal-{uuid.uuid4()}" for _ in range(4)]
+        batch = [{"type": "track", "event": "Durable", "userId": "u", "messageId": i}
+                 for i in ids]
+        assert post(WRITE_KEY, first.url, batch=batch).status_code == 200
+        first.kill()
+        first.wait(10)
+        assert segment_lines(first) == []
+        second = EstatProcess(env, directory=str(tmp_path / "second"))
+        second.wait_ready()
+        second.terminate()
+        assert second.wait(30) == 0, second.log_tail()
+        stored = by_id(segment_lines(second), ids)
+        assert {i: len(lines) for i, lines in stored.items()} == {i: 1 for i in ids}, \
+            second.log_tail()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_ack_mode_stored_answers_once_stored(tmp_path):
+    """
+    ACK_MODE=stored: the SDK's request is answered 200 only once its
+    messages are in the store.
+    """
+    from segment.analytics.request import post
+
+    server = EstatProcess({"ACK_MODE": "stored", "FLUSH_INTERVAL": "200ms",
+                           "WRITE_KEYS": WRITE_KEY}, directory=str(tmp_path))
+    try:
+        server.wait_ready()
+        ids = [f"stored-{uuid.uuid4()}" for _ in range(3)]
+        batch = [{"type": "page", "anonymousId": "a", "messageId": i} for i in ids]
+        assert post(WRITE_KEY, server.url, batch=batch).status_code == 200
+        # No waiting: stored before the answer.
+        stored = by_id(segment_lines(server), ids)
+        assert {i: len(lines) for i, lines in stored.items()} == {i: 1 for i in ids}
+    finally:
+        server.stop()
