@@ -163,6 +163,32 @@ def make_line(obj: dict, server_fields: dict, raw: bytes | None) -> Union[bytes,
     return memoryview(line).tobytes()
 
 
+def make_lines(items: list, server_fields: dict, received_at: float, overhead: int,
+               limit: int) -> list:
+    """
+    L{make_line} for every C{(obj, raw)} of a batch, as queued events
+    C{(received_at, line)}, in one loop (a call per element is a tenth of a
+    batched event's CPU).
+
+    @raise ValueError: C{(index,)} of the first element whose line, less
+        C{overhead} (its server fields), is longer than C{limit}.
+    """
+    events = []
+    append = events.append
+    dumps = orjson.dumps
+    for index, (obj, raw) in enumerate(items):
+        obj[SERVER_FIELD] = server_fields
+        try:
+            line = memoryview(dumps(obj)).tobytes()
+        except (orjson.JSONEncodeError, TypeError):
+            append((received_at, UnencodedEvent(obj=obj, raw=raw)))
+            continue
+        if len(line) - overhead > limit:
+            raise ValueError(index)
+        append((received_at, line))
+    return events
+
+
 class _ReceivedAtFormatter:
     """
     Formats epoch seconds as ISO 8601 UTC with milliseconds, caching the

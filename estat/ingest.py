@@ -22,7 +22,7 @@ import orjson
 from zope.interface import Interface, implementer
 
 from .dedup import DedupWindow, find_retries
-from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line
+from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line, make_lines
 from .http.access import CorsPolicy, WriteKeys
 from .http.body import BodyRejected, Limits, decode_content, decode_events
 from .metrics import Metrics
@@ -276,14 +276,11 @@ class IngestCore:
         # (orjson appends them as ',"_estat":{...}').
         overhead = len(orjson.dumps(server_fields)) + len(SERVER_FIELD) + 4
         limit = self.limits.event_size
-        events = []
-        for index, (obj, raw) in enumerate(items):
-            line = make_line(obj, server_fields, raw)
-            if type(line) is bytes and len(line) - overhead > limit:
-                raise BodyRejected(413, "too_large", f"an event may be at most {limit} bytes",
-                                   index)
-            events.append((received, line))
-        return events
+        try:
+            return make_lines(items, server_fields, received, overhead, limit)
+        except ValueError as e:
+            raise BodyRejected(413, "too_large", f"an event may be at most {limit} bytes",
+                               e.args[0]) from None
 
     def _reject(self, received: float, status: int, reason: str, message: str,
                 headers: tuple, events: int = 1, **extra) -> Answer:

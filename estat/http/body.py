@@ -170,6 +170,9 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
         if len(items) > limits.events_per_request:
             raise BodyRejected(413, "too_many_events",
                                f"a request may carry at most {limits.events_per_request} events")
+        if type(items) is list and all(type(obj) is dict and SERVER_FIELD not in obj
+                                       for obj in items):
+            return [(obj, None) for obj in items], True
         try:
             return [(_element(obj, i), None) for i, obj in enumerate(items)], True
         except BodyRejected as e:
