@@ -511,8 +511,17 @@ def main() -> int:
         f"{outage['rss_last']:.1f} MB at the end (process peak {outage['peak']:.1f} MB).",
     ]
     lines += [""] + notes
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    # The sections after this table ("## ...": compression, the "before"
+    # run, the profile) are written by other commands; keep them.
+    kept = ""
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            old = f.read()
+        at = old.find("\n## ")
+        if at >= 0:
+            kept = old[at:]
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).rstrip("\n") + "\n" + kept)
     say("")
     say("\n".join(lines))
     say(f"\nwritten to {args.out}")

@@ -133,6 +133,13 @@ def _gzip_level(text: str) -> int:
     return value
 
 
+def _niceness(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be between 0 and 19")
+    return value
+
+
 def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("text", "json"):
@@ -270,6 +277,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHUTDOWN_TIMEOUT", "25s", _positive_duration, "deadline for a graceful shutdown (keep it below ECS's stopTimeout)"),
     Setting("TRUSTED_PROXIES", "", _cidr_list, "CIDRs whose X-Forwarded-For is believed (e.g. the ALB subnets)"),
     Setting("MAX_PENDING_BATCHES", "4", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
+    Setting("WORKER_NICE", "0", _niceness, "scheduling niceness (0-19) of the worker threads that gzip batches, sign and do disk I/O; 10 gives the reactor thread the CPU first (lower latency at moderate load, less batched throughput at saturation)"),
     Setting("GZIP_LEVEL", "6", _gzip_level, "gzip level of stored objects, 1 (fastest) to 9 (smallest): libdeflate level N, no larger than zlib level N"),
     Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
     Setting("MAX_BATCH_BODY_SIZE", "524288", _positive_int, "largest body of a batch request (JSON array or NDJSON), bytes, also after decompression"),
@@ -326,6 +334,7 @@ class Config:
     trusted_proxies: tuple = attr.ib()
     max_pending_batches: int = attr.ib()
     gzip_level: int = attr.ib()
+    worker_nice: int = attr.ib()
     instance_id: str = attr.ib()
     max_batch_body_size: int = attr.ib()
     max_events_per_request: int = attr.ib()

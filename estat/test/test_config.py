@@ -322,6 +322,13 @@ class OtherSettingsTests(SynchronousTestCase):
             with self.assertRaises(ConfigError):
                 load({}, {"GZIP_LEVEL": bad})
 
+    def test_workerNice(self) -> None:
+        self.assertEqual(load().worker_nice, 0)
+        self.assertEqual(load({}, {"WORKER_NICE": "10"}).worker_nice, 10)
+        for bad in ("-1", "20", "x"):
+            with self.assertRaises(ConfigError):
+                load({}, {"WORKER_NICE": bad})
+
     def test_logFormat(self) -> None:
         self.assertEqual(load({}, {"LOG_FORMAT": "JSON"}).log_format, "json")
         with self.assertRaises(ConfigError):
