@@ -108,8 +108,10 @@ def main() -> int:
 
         answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
 
-        def handler(request, respond):
+        def stub(request, respond):
             respond(answer)
+
+        handler = stub
     factory = FastHTTPFactory(routes={b"/collect": handler}, resource=Resource(),
                               clock=clock, max_body_size=524288, idle_timeout=75,
                               request_timeout=30)

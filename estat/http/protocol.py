@@ -36,6 +36,8 @@ from collections import deque
 from typing import Callable, Mapping
 
 import httptools
+import orjson
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -110,8 +112,6 @@ class _Refused(Exception):
 
 
 def _json_error(message: str, **extra) -> bytes:
-    import orjson
-
     body = {"error": message}
     body.update(extra)
     return orjson.dumps(body)
@@ -847,8 +847,6 @@ class FastHTTPFactory(Factory):
         Begin draining: idle connections close now, busy ones after their
         answers (with C{Connection: close}).  Fires when none is left.
         """
-        from twisted.internet.defer import Deferred
-
         self.draining = True
         for protocol in list(self.channels):
             protocol.close_when_idle()
