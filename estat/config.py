@@ -181,6 +181,52 @@ def _ack_mode(text: str) -> str:
     return value
 
 
+def _output_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("jsonl", "parquet"):
+        raise ValueError("must be jsonl or parquet")
+    return value
+
+
+#: Parquet codecs pyarrow writes, and each one's level range (None: no level).
+PARQUET_CODECS = {"zstd": (1, 22), "gzip": (1, 9), "brotli": (0, 11), "lz4": None,
+                  "snappy": None, "none": None}
+
+
+def _parquet_compression(text: str) -> tuple:
+    """
+    C{zstd}, C{zstd:9}, C{snappy}, C{none}...: C{(codec, level or None)}.
+    """
+    codec, _, level = text.strip().lower().partition(":")
+    if codec not in PARQUET_CODECS:
+        raise ValueError("codec must be one of " + ", ".join(PARQUET_CODECS))
+    bounds = PARQUET_CODECS[codec]
+    if not level:
+        return (codec, None)
+    if bounds is None:
+        raise ValueError(f"{codec} takes no level")
+    number = _int(level)
+    if not bounds[0] <= number <= bounds[1]:
+        raise ValueError(f"{codec} level must be {bounds[0]}-{bounds[1]}")
+    return (codec, number)
+
+
+def _partition_by(text: str) -> tuple:
+    """
+    Comma-separated partition keys: C{source}, or the name of a declared
+    string field.  Empty: none (dt/hour only).
+    """
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    for key in keys:
+        if key in ("dt", "hour"):
+            raise ValueError(f"{key!r} is always the last partition keys; do not name it")
+        if not all(c.isalnum() or c == "_" for c in key):
+            raise ValueError(f"{key!r}: a partition key is letters, digits and '_'")
+    if len(set(k.lower() for k in keys)) != len(keys):
+        raise ValueError("a partition key is named twice")
+    return keys
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -301,6 +347,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WAL_MAX_SIZE_BYTES", "1073741824", _positive_int, "size cap of the write-ahead log; beyond it POSTs get 503"),
     Setting("WAL_SEGMENT_SIZE_BYTES", "16777216", _positive_int, "the write-ahead log starts a new segment file at this size"),
     Setting("ACK_MAX_WAITING", "10000", _positive_int, "requests that may wait for their acknowledgement at once (ACK_MODE=stored); beyond, 503"),
+    # Tables: output format, declared columns, partitions (estat.encode, estat.schema).
+    Setting("OUTPUT_FORMAT", "jsonl", _output_format, "stored objects: jsonl (gzip JSON Lines) or parquet (typed columns, needs pyarrow)"),
+    Setting("PARQUET_COMPRESSION", "zstd", _parquet_compression, "Parquet codec[:level]: zstd (default level 3), gzip, brotli, lz4, snappy or none"),
+    Setting("COLLECT_SCHEMA", "", _string, "JSON Schema file declaring the columns of /collect events; empty: the whole event in _extra"),
+    Setting("SEGMENT_SCHEMA", "", _string, "JSON Schema file declaring more Segment columns (properties, traits as structs)"),
+    Setting("PARTITION_BY", "", _partition_by, "Hive partition keys of /collect before dt/hour: source, or a declared string field"),
+    Setting("SEGMENT_PARTITION_BY", "", _partition_by, "Hive partition keys of Segment messages before dt/hour: source, or a string field such as type or event"),
+    Setting("MAX_PARTITIONS", "100", _positive_int, "partitions with unsealed events at once, per stream; events for more go to __other__"),
 )
 
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -355,6 +409,13 @@ class Config:
     wal_max_size_bytes: int = attr.ib(default=1073741824)
     wal_segment_size_bytes: int = attr.ib(default=16777216)
     ack_max_waiting: int = attr.ib(default=10000)
+    output_format: str = attr.ib(default="jsonl")
+    parquet_compression: tuple = attr.ib(default=("zstd", None))
+    collect_schema: str = attr.ib(default="")
+    segment_schema: str = attr.ib(default="")
+    partition_by: tuple = attr.ib(default=())
+    segment_partition_by: tuple = attr.ib(default=())
+    max_partitions: int = attr.ib(default=100)
 
     @classmethod
     def defaults(cls, **overrides: Any) -> "Config":
