@@ -55,6 +55,9 @@ class Batch:
     events: list = attr.ib(repr=False)  # of (received_at, bytes | UnencodedEvent)
     first_event_at: float = attr.ib()
     sealed_at: float = attr.ib()
+    #: The batch's partition path (C{"k=v/"}, in its key), when the
+    #: batcher kept its partition apart; C{None} when it did not.
+    partition: str | None = attr.ib(default=None)
 
     @property
     def count(self) -> int:
@@ -77,6 +80,9 @@ class EncodedObject:
     count: int = attr.ib()
     content_md5: str = attr.ib()
     poison: bool = attr.ib(default=False)
+    #: C{((column path, count), ...)}: values that did not fit their
+    #: declared column (Parquet), for C{estat_column_mismatches_total}.
+    misfits: tuple = attr.ib(default=())
 
 
 def gzip_bytes(data: bytes, level: int) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IObjectStore", "IDeadLetterQueue", "StoreError"]
+__all__ = ["IEncoder", "IObjectStore", "IDeadLetterQueue", "StoreError"]
 
 
 class StoreError(Exception):
@@ -73,4 +73,26 @@ class IDeadLetterQueue(Interface):
             C{False} when it had to be dropped (over the size limit, disk
             full, ...), in which case the events are already counted as
             dropped.  It never fails.
+        """
+
+
+class IEncoder(Interface):
+    """
+    One output format: a sealed batch becomes the objects to store.
+    """
+
+    stream = Attribute("The stream whose batches it encodes (collect, segment).")
+    suffix = Attribute("The key suffix of its objects, e.g. '.jsonl.gz' or '.parquet'.")
+
+    def encode(batch):
+        """
+        Encode an L{estat.encoder.Batch}.  CPU work: runs in a worker
+        thread, never on the reactor thread.  Must be deterministic: the
+        same batch gives the same bytes (a retried PUT, a DLQ re-upload
+        and a WAL replay write one identical object).
+
+        @return: a list of L{estat.encoder.EncodedObject}s: the batch's
+            object(s), and one of raw originals under C{DLQ_PREFIX} for
+            events that could not be encoded.  One bad event never fails
+            its batch.
         """

@@ -194,6 +194,16 @@ class Metrics:
             "encoder_poison_events",
             "Events that could not be encoded and were stored raw under DLQ_PREFIX",
             registry=r)
+        self.column_mismatches = Counter(
+            "estat_column_mismatches",
+            "Values that did not fit their declared Parquet column (kept in _extra, "
+            "the column null), counted when a batch is encoded",
+            ["stream", "column"], registry=r)
+        self.partition_overflow_events = Counter(
+            "estat_partition_overflow_events",
+            "Events sent to the __other__ partition because MAX_PARTITIONS partitions "
+            "already held unsealed events",
+            ["stream"], registry=r)
         self.dlq_bytes_current = Gauge(
             "dlq_bytes_current", "Bytes in the local dead-letter queue",
             registry=r)

@@ -19,8 +19,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .encoder import Batch, EncodedObject, encode_batch
-from .interfaces import IDeadLetterQueue, IObjectStore, StoreError
+from .encode.jsonl import JsonlEncoder
+from .encoder import Batch, EncodedObject
+from .interfaces import IDeadLetterQueue, IEncoder, IObjectStore, StoreError
 from .metrics import Metrics
 
 __all__ = ["Uploader", "backoff_delay"]
@@ -66,23 +67,36 @@ class Uploader:
     rand: Callable[[], float] = attr.ib(default=random.random)
     #: Called after every successful put (the DLQ ends its backoff).
     on_stored: Callable[[], None] = attr.ib(default=lambda: None)
+    #: The default encoder (L{upload}'s C{encoder} names a stream's own).
+    encoder: IEncoder = attr.ib(default=None)
 
     _hurrying: bool = attr.ib(default=False, init=False)
     _sleeps: dict = attr.ib(factory=dict, init=False)
     _attempts: set = attr.ib(factory=set, init=False)
 
-    def upload(self, batch: Batch) -> Deferred:
+    def __attrs_post_init__(self) -> None:
+        if self.encoder is None:
+            self.encoder = JsonlEncoder(self.gzip_level)
+
+    def sink_for(self, encoder: IEncoder) -> Callable[[Batch], Deferred]:
         """
-        Encode, store or dead-letter C{batch}.  The Deferred fires once every
+        C{upload} for a stream whose batches C{encoder} encodes.
+        """
+        return lambda batch: self.upload(batch, encoder)
+
+    def upload(self, batch: Batch, encoder: IEncoder | None = None) -> Deferred:
+        """
+        Encode (with C{encoder}, by default L{encoder}), store or
+        dead-letter C{batch}.  The Deferred fires once every
         event has a fate, with C{True} if every one is stored or durably in
         the dead-letter queue, C{False} if some were dropped (and counted);
         it never fails.
         """
-        return Deferred.fromCoroutine(self._upload(batch))
+        return Deferred.fromCoroutine(self._upload(batch, encoder or self.encoder))
 
-    async def _upload(self, batch: Batch) -> bool:
+    async def _upload(self, batch: Batch, encoder: IEncoder) -> bool:
         try:
-            objects = await self.run_in_thread(encode_batch, batch, self.gzip_level)
+            objects = await self.run_in_thread(encoder.encode, batch)
         except Exception:
             self.log.failure("could not encode batch {key} ({count} events dropped)",
                              key=batch.key, count=batch.count)
@@ -90,6 +104,8 @@ class Uploader:
             return False
         kept = True
         for obj in objects:
+            for column, count in obj.misfits:
+                self.metrics.column_mismatches.labels(encoder.stream, column).inc(count)
             if obj.poison:
                 self.metrics.encoder_poison_events.inc(obj.count)
                 self.log.warn(

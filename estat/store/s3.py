@@ -42,6 +42,17 @@ __all__ = ["S3Store", "s3_error_code", "botocore_credentials"]
 
 CONTENT_TYPE = "application/x-ndjson"
 CONTENT_ENCODING = "gzip"
+PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
+
+
+def content_headers(key: str) -> dict:
+    """
+    The object's C{Content-Type} (and C{Content-Encoding}), from the key's
+    suffix alone: the store knows nothing else of formats.
+    """
+    if key.endswith(".parquet"):
+        return {"Content-Type": PARQUET_CONTENT_TYPE}
+    return {"Content-Type": CONTENT_TYPE, "Content-Encoding": CONTENT_ENCODING}
 
 #: Error codes worth an immediate retry; others go to the dead-letter
 #: queue at once (which still retries them later, with backoff).
@@ -196,8 +207,7 @@ class S3Store:
     async def _put(self, key: str, body: bytes, content_md5: str) -> None:
         signed = await self.run_in_thread(
             self.sign, "PUT", self.url(key), body,
-            {"Content-MD5": content_md5, "Content-Type": CONTENT_TYPE,
-             "Content-Encoding": CONTENT_ENCODING})
+            {"Content-MD5": content_md5, **content_headers(key)})
         # Never follow a redirect: S3's 301 means a wrong region, and a
         # followed request would carry a signature for another host.
         response = await _cancellable(self.http.request(

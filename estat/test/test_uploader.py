@@ -112,7 +112,8 @@ class StoreTests(UploaderTestsMixin, SynchronousTestCase):
     def test_encoding_runs_in_thread_runner(self):
         """
         Nothing is encoded or stored until the injected thread runner runs
-        the work it was handed, and that work is L{encode_batch}.
+        the work it was handed, and that work is the encoder's C{encode}
+        (L{encode_batch} for the default gzip JSON Lines).
         """
         runner = DeferredThreadRunner()
         self.make_uploader(run_in_thread=runner)
@@ -122,7 +123,7 @@ class StoreTests(UploaderTestsMixin, SynchronousTestCase):
         self.assertEqual(self.store.puts, [])
         self.assertEqual(len(runner.calls), 1)
         f, args, kwargs, _ = runner.calls[0]
-        self.assertIs(f, encode_batch)
+        self.assertEqual(f, self.uploader.encoder.encode)
         self.assertIs(args[0], batch)
 
         runner.run_all()
