@@ -10,6 +10,13 @@ events, the queue fills, and the API answers 503.
 
 On stop it seals what it holds and what is still queued, and waits for
 every batch to be stored or dead-lettered.
+
+With a C{partitioner} (C{PARTITION_BY}, C{ACK_MODE=memory}) each
+partition's events batch apart, by the same rules; C{BATCH_SIZE} then
+bounds the unsealed events of all partitions together (when they reach it
+the largest partition is sealed), so memory keeps the same bound, and at
+most C{max_partitions} partitions hold unsealed events at once: an event
+of one more goes to the C{__other__} partition, and is counted.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from twisted.logger import Logger
 from .encoder import Batch
 from .keys import KeyMaker
 from .metrics import Metrics
+from .pipeline.partitions import Partitioner
 from .queue import EventQueue
 
 __all__ = ["Batcher"]
@@ -50,6 +58,9 @@ class Batcher(Service):
     flush_interval: float = attr.ib(default=120.0)
     max_pending: int = attr.ib(default=2)
     tick: float = attr.ib(default=1.0)
+    partitioner: Partitioner | None = attr.ib(default=None)
+    #: The stream's name, for the partition overflow metric.
+    stream: str = attr.ib(default="collect")
 
     _events: list | None = attr.ib(default=None, init=False)
     _inflight: dict = attr.ib(factory=dict, init=False)
@@ -59,6 +70,9 @@ class Batcher(Service):
     _loop: LoopingCall | None = attr.ib(default=None, init=False)
     _consuming: Deferred | None = attr.ib(default=None, init=False)
     _stopping: bool = attr.ib(default=False, init=False)
+    #: With a partitioner: partition path -> its unsealed events.
+    _parts: dict = attr.ib(factory=dict, init=False)
+    _part_total: int = attr.ib(default=0, init=False)
 
     # --- service ---
 
@@ -86,7 +100,13 @@ class Batcher(Service):
 
     @property
     def open_count(self) -> int:
+        if self.partitioner is not None:
+            return self._part_total
         return len(self._events) if self._events else 0
+
+    @property
+    def open_partitions(self) -> int:
+        return len(self._parts)
 
     @property
     def pending_batches(self) -> int:
@@ -112,24 +132,63 @@ class Batcher(Service):
         return d
 
     def _add(self, events: list) -> None:
-        if self._events is None:
+        if self.partitioner is not None:
+            self._add_partitioned(events)
+        elif self._events is None:
             self._events = events
         else:
             self._events.extend(events)
 
+    def _add_partitioned(self, events: list) -> None:
+        parts = self._parts
+        path_of = self.partitioner.path_of
+        limit = self.partitioner.max_partitions
+        overflow = 0
+        for event in events:
+            path = path_of(event[1])
+            group = parts.get(path)
+            if group is None:
+                if len(parts) >= limit:
+                    path = self.partitioner.other
+                    group = parts.get(path)
+                    overflow += 1
+                if group is None:
+                    group = parts[path] = []
+            group.append(event)
+        self._part_total += len(events)
+        if overflow:
+            self.metrics.partition_overflow_events.labels(self.stream).inc(overflow)
+
     def _seal(self, trigger: str) -> None:
+        """
+        Seal the open batch; with partitions, the largest partition's.
+        """
+        if self.partitioner is not None:
+            if self._parts:
+                self._seal_partition(max(self._parts, key=lambda p: len(self._parts[p])),
+                                     trigger)
+            return
         events, self._events = self._events, None
         if not events:
             return
+        self._make_batch(events, None, trigger)
+
+    def _seal_partition(self, path: str, trigger: str) -> None:
+        events = self._parts.pop(path)
+        self._part_total -= len(events)
+        self._make_batch(events, path, trigger)
+
+    def _make_batch(self, events: list, partition: str | None, trigger: str) -> None:
         sealed_at = self.clock.seconds()
         first_at = events[0][0]
-        key = self.key_maker.batch_key(first_at, sealed_at)
+        key = self.key_maker.batch_key(first_at, sealed_at, partition=partition or "")
         batch = Batch(
             key=key,
             poison_key=self.key_maker.poison_key(key),
             events=events,
             first_event_at=first_at,
             sealed_at=sealed_at,
+            partition=partition,
         )
         self.metrics.batches_sealed.labels(trigger).inc()
         self._dispatch(batch, self.sink)
@@ -156,7 +215,7 @@ class Batcher(Service):
             self._dispatch(batch, sink)
         for start in range(0, len(events), self.batch_size):
             self._add(events[start:start + self.batch_size])
-            if len(self._events) >= self.batch_size:
+            while self.open_count >= self.batch_size:
                 self._seal("replay")
 
     def _sink_failed(self, failure, batch: Batch) -> None:
@@ -188,11 +247,11 @@ class Batcher(Service):
 
     async def _consume_until_stopped(self) -> None:
         while not self._stopping:
-            if self._events is not None and len(self._events) >= self.batch_size:
+            if self.open_count >= self.batch_size:
                 await self._interruptible(self._wait_for_slot())
                 self._seal("size")
                 continue
-            if self._events is None:
+            if not self.open_count:
                 # Never open a batch that could not be sealed.
                 await self._interruptible(self._wait_for_slot())
             self._getting = self.queue.get()
@@ -201,7 +260,7 @@ class Batcher(Service):
             finally:
                 self._getting = None
             self._add([first])
-            room = self.batch_size - len(self._events)
+            room = self.batch_size - self.open_count
             if room > 0 and len(self.queue):
                 self._add(self.queue.take(room))
 
@@ -214,6 +273,14 @@ class Batcher(Service):
 
     def _check_age(self) -> None:
         try:
+            if self.partitioner is not None:
+                now = self.clock.seconds()
+                for path in [p for p, events in self._parts.items()
+                             if now - events[0][0] >= self.flush_interval]:
+                    if not self._has_slot():
+                        break
+                    self._seal_partition(path, "interval")
+                return
             if (
                 self._events
                 and self.clock.seconds() - self._events[0][0] >= self.flush_interval
@@ -238,13 +305,20 @@ class Batcher(Service):
             self._loop.stop()
         if self._getting is not None:
             self._getting.cancel()
-        self._seal("shutdown")
+        self._seal_all("shutdown")
         while len(self.queue):
             self._add(self.queue.take(self.batch_size))
-            self._seal("shutdown")
+            self._seal_all("shutdown")
         self.log.info("draining: {batches} batches to store",
                       batches=len(self._inflight))
         return self.idle()
+
+    def _seal_all(self, trigger: str) -> None:
+        if self.partitioner is not None:
+            for path in list(self._parts):
+                self._seal_partition(path, trigger)
+        else:
+            self._seal(trigger)
 
     def idle(self) -> Deferred:
         """

@@ -2,7 +2,10 @@
 """
 Object keys: where a sealed batch is stored.
 
-    RAW_PREFIX/dt=YYYY-MM-DD/hour=HH/<instance>-<YYYYMMDDTHHMMSSmmmZ>-<unique>.jsonl.gz
+    RAW_PREFIX/[k=v/...]dt=YYYY-MM-DD/hour=HH/<instance>-<YYYYMMDDTHHMMSSmmmZ>-<unique>.jsonl.gz
+
+(C{.parquet} with C{OUTPUT_FORMAT=parquet}; the C{k=v/} partitions come
+from C{PARTITION_BY}, see L{estat.pipeline.partitions}).
 
 The partition is the UTC time of the batch's first event.  The name is
 unique across replicas (the instance id comes from the host or task) and
@@ -63,28 +66,43 @@ class KeyMaker:
     dlq_prefix: str = attr.ib()
     instance_id: str = attr.ib()
     entropy: Callable[[int], bytes] = attr.ib(default=os.urandom)
+    #: The encoder's suffix (C{.jsonl.gz}, C{.parquet}).
+    suffix: str = attr.ib(default=".jsonl.gz")
 
     def batch_key(self, first_event_at: float, sealed_at: float,
-                  unique: str | None = None) -> str:
+                  unique: str | None = None, partition: str = "") -> str:
         """
         The key of a batch whose first event was received at
         C{first_event_at} and that was sealed at C{sealed_at} (epoch
         seconds).  C{unique} (16 hex digits) replaces the random part: the
         write-ahead log derives it from its id and the batch's sequence
-        numbers.
+        numbers.  C{partition} (C{"k=v/..."}, already encoded) goes
+        before C{dt}.
         """
         first = datetime.datetime.fromtimestamp(first_event_at, tz=datetime.timezone.utc)
         sealed = datetime.datetime.fromtimestamp(sealed_at, tz=datetime.timezone.utc)
         stamp = sealed.strftime("%Y%m%dT%H%M%S") + f"{sealed.microsecond // 1000:03d}Z"
         return (
-            f"{self.raw_prefix}/dt={first:%Y-%m-%d}/hour={first:%H}/"
-            f"{self.instance_id}-{stamp}-{unique or self.entropy(8).hex()}.jsonl.gz"
+            f"{self.raw_prefix}/{partition}dt={first:%Y-%m-%d}/hour={first:%H}/"
+            f"{self.instance_id}-{stamp}-{unique or self.entropy(8).hex()}{self.suffix}"
         )
+
+    def with_partition(self, batch_key: str, partition: str) -> str:
+        """
+        C{batch_key} (of no partition) with C{partition} in front of C{dt}.
+        """
+        head = self.raw_prefix + "/"
+        if not batch_key.startswith(head):
+            raise ValueError(f"{batch_key!r} is not under {head!r}")
+        return head + partition + batch_key[len(head):]
 
     def poison_key(self, batch_key: str) -> str:
         """
         The key under C{DLQ_PREFIX} that holds the raw originals of the
-        events of batch C{batch_key} that could not be encoded.
+        events of batch C{batch_key} that could not be encoded (gzip JSON
+        Lines, whatever the output format).
         """
         rest = batch_key[len(self.raw_prefix) + 1:] if batch_key.startswith(self.raw_prefix + "/") else batch_key
+        if self.suffix != ".jsonl.gz" and rest.endswith(self.suffix):
+            rest = rest[:-len(self.suffix)] + ".jsonl.gz"
         return f"{self.dlq_prefix}/{rest}"

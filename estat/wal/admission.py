@@ -128,7 +128,8 @@ class WalAdmission:
         stream = self.stream
         first, last = self.wal.seal(stream, batch.count)
         key = self.key_maker.batch_key(batch.first_event_at, batch.sealed_at,
-                                       unique=self.wal.unique(stream, first, last))
+                                       unique=self.wal.unique(stream, first, last),
+                                       partition=batch.partition or "")
         batch = attr.evolve(batch, key=key, poison_key=self.key_maker.poison_key(key))
         d = self.wal.log_seal(stream, first, last, batch.count, batch.sealed_at, key,
                               batch.poison_key)
