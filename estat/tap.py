@@ -74,6 +74,7 @@ class Options(usage.Options):
                     read_keys_file(self.config.write_keys_file)
                 except OSError as e:
                     raise ConfigError(f"invalid WRITE_KEYS_FILE={self.config.write_keys_file!r}: {e.strerror}")
+            _tables(self.config)
         except ConfigError as e:
             # One line naming the setting and its value, not the whole
             # usage text twistd prints for a UsageError.
@@ -90,6 +91,62 @@ def with_backlog(description: str, backlog: int = 1024) -> str:
     if description.startswith(("tcp:", "tcp6:")) and "backlog=" not in description:
         return f"{description}:backlog={backlog}"
     return description
+
+
+def _tables(config: Config) -> tuple:
+    """
+    The tables of the two streams (C{COLLECT_SCHEMA}, C{SEGMENT_SCHEMA}),
+    with the partition keys checked against them.
+
+    @raise ConfigError: a schema that does not load, or a partition key
+        that is neither C{source} nor a declared string field.
+    """
+    from .pipeline.partitions import check_keys
+    from .schema.columns import SchemaError, collect_table, segment_table
+
+    try:
+        collect = collect_table(config.collect_schema or None)
+    except SchemaError as e:
+        raise ConfigError(f"invalid COLLECT_SCHEMA={config.collect_schema!r}: {e}")
+    try:
+        segment = segment_table(config.segment_schema or None)
+    except SchemaError as e:
+        raise ConfigError(f"invalid SEGMENT_SCHEMA={config.segment_schema!r}: {e}")
+    for setting, keys, table in (("PARTITION_BY", config.partition_by, collect),
+                                 ("SEGMENT_PARTITION_BY", config.segment_partition_by, segment)):
+        try:
+            check_keys(keys, table.stream, table)
+        except ValueError as e:
+            raise ConfigError(f"invalid {setting}={','.join(keys)!r}: {e}")
+    return collect, segment
+
+
+def stream_encoding(config: Config, table, key_maker: KeyMaker):
+    """
+    The encoder of one stream (C{OUTPUT_FORMAT}, its partitions) and the
+    partitioner its batcher keeps apart (C{None}: one run of events per
+    batch).  pyarrow is imported here, and only for C{parquet}.
+    """
+    from .encode.jsonl import JsonlEncoder
+    from .pipeline.partitions import Partitioner
+
+    if config.output_format == "parquet":
+        from .encode.parquet import ParquetEncoder
+
+        encoder = ParquetEncoder(table, config.parquet_compression, config.gzip_level)
+    else:
+        encoder = JsonlEncoder(config.gzip_level, table.stream)
+    key_maker.suffix = encoder.suffix
+    keys = config.partition_by if table.stream == "collect" else config.segment_partition_by
+    if not keys:
+        return encoder, None
+    from .encode.partitioned import PartitionedEncoder
+
+    partitioner = Partitioner(keys, config.max_partitions)
+    encoder = PartitionedEncoder(encoder, partitioner, key_maker)
+    # The write-ahead log and the stored-mode ledger follow the stream's
+    # order: there the encoder splits each batch by partition instead.
+    return encoder, (partitioner if config.ack_mode == "memory" else None)
 
 
 def build_service(config: Config, reactor, environ=None) -> EstatService:
@@ -140,15 +197,21 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     metrics.event_queue_depth.set_function(lambda: len(queue))
 
     instance = sanitize(config.instance_id) if config.instance_id else default_instance_id(environ)
+    collect_table, segment_table = _tables(config)
+    key_maker = KeyMaker(config.raw_prefix, config.dlq_prefix, instance)
+    encoder, partitioner = stream_encoding(config, collect_table, key_maker)
+    uploader.encoder = encoder
     batcher = Batcher(
         queue=queue,
         sink=uploader.upload,
-        key_maker=KeyMaker(config.raw_prefix, config.dlq_prefix, instance),
+        key_maker=key_maker,
         metrics=metrics,
         clock=reactor,
         batch_size=config.batch_size,
         flush_interval=config.flush_interval,
         max_pending=config.max_pending_batches,
+        partitioner=partitioner,
+        stream="collect",
     )
 
     keys = config.write_keys
@@ -174,7 +237,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         dedup=dedup,
     )
     segment_queue, segment_batcher, segment = _segment_stream(
-        config, reactor, metrics, core, uploader, instance)
+        config, reactor, metrics, core, uploader, instance, segment_table)
     metrics.batches_pending.set_function(
         lambda: batcher.pending_batches + segment_batcher.pending_batches)
     api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness,
@@ -250,7 +313,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
 
 
 def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
-                    uploader: Uploader, instance: str):
+                    uploader: Uploader, instance: str, table):
     """
     The Segment tracking API's stream: its own queue, batcher and key
     prefix (SEGMENT_PREFIX, poison events under DLQ_PREFIX/SEGMENT_PREFIX),
@@ -258,16 +321,20 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
     addresses as C{/collect}, and the same dedup window.
     """
     queue = EventQueue(config.channel_size)
+    key_maker = KeyMaker(config.segment_prefix,
+                         f"{config.dlq_prefix}/{config.segment_prefix}", instance)
+    encoder, partitioner = stream_encoding(config, table, key_maker)
     batcher = Batcher(
         queue=queue,
-        sink=uploader.upload,
-        key_maker=KeyMaker(config.segment_prefix,
-                           f"{config.dlq_prefix}/{config.segment_prefix}", instance),
+        sink=uploader.sink_for(encoder),
+        key_maker=key_maker,
         metrics=metrics,
         clock=reactor,
         batch_size=config.batch_size,
         flush_interval=config.flush_interval,
         max_pending=config.max_pending_batches,
+        partitioner=partitioner,
+        stream="segment",
     )
     segment = SegmentAPI(
         admission=QueueAdmission(queue, retry_after=1),
@@ -319,12 +386,14 @@ def _segment_ack_mode(config: Config, wal, segment, queue: EventQueue, batcher: 
                       uploader: Uploader, metrics: Metrics) -> list:
     """
     C{ACK_MODE} for the Segment stream, as L{_ack_mode} wires /collect's;
-    returns its replays (C{disk}), if any.
+    returns its replays (C{disk}), if any.  The batcher's sink is the
+    stream's own upload (its encoder).
     """
+    upload = batcher.sink
     if config.ack_mode == "disk":
         from .wal.admission import WalAdmission
 
-        admission = WalAdmission(wal=wal, queue=queue, upload=uploader.upload,
+        admission = WalAdmission(wal=wal, queue=queue, upload=upload,
                                  key_maker=batcher.key_maker, metrics=metrics,
                                  stream=segment.stream,
                                  replay_concurrency=config.max_pending_batches)
@@ -334,7 +403,7 @@ def _segment_ack_mode(config: Config, wal, segment, queue: EventQueue, batcher: 
     if config.ack_mode == "stored":
         from .wal.admission import StoredAdmission
 
-        admission = StoredAdmission(queue=queue, upload=uploader.upload, metrics=metrics,
+        admission = StoredAdmission(queue=queue, upload=upload, metrics=metrics,
                                     max_waiting=config.ack_max_waiting)
         segment.admission = admission
         batcher.sink = admission.sink
