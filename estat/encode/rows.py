@@ -67,6 +67,8 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 #: Epoch seconds of the start of each hour seen (a batch's timestamps share
 #: a few).
 _hour_cache: dict = {}
+#: C{"YYYY-MM-DDTHH:"} -> epoch seconds of that hour (UTC, C{Z} spellings).
+_prefix_cache: dict = {}
 
 
 def _hour_epoch(year: int, month: int, day: int, hour: int) -> int:
@@ -89,6 +91,17 @@ def parse_timestamp(text: str) -> int | None:
     Microseconds since the epoch of an RFC 3339 date-time with an offset,
     or C{None} when C{text} is not one that converts without loss.
     """
+    if len(text) == 24 and text[23] == "Z":
+        # The common spelling (YYYY-MM-DDTHH:MM:SS.mmmZ): its hour is one a
+        # batch has seen already.
+        base = _prefix_cache.get(text[:14])
+        if base is not None and text[16] == ":" and text[19] == "." and text.isascii():
+            rest = text[14:16] + text[17:19] + text[20:23]
+            if rest.isdigit():
+                minute_i = int(rest[0:2])
+                second_i = int(rest[2:4])
+                if minute_i < 60 and second_i < 60:
+                    return (base + minute_i * 60 + second_i) * 1000000 + int(rest[4:]) * 1000
     m = _TIMESTAMP.match(text)
     if m is None:
         return None
@@ -110,6 +123,8 @@ def parse_timestamp(text: str) -> int | None:
         seconds = seconds - offset if sign == "+" else seconds + offset
     micros = int(frac.ljust(6, "0")) if frac else 0
     value = seconds * 1000000 + micros
+    if sign is None and len(text) == 24 and text[10] == "T" and len(_prefix_cache) < 4096:
+        _prefix_cache[text[:14]] = seconds - minute_i * 60 - second_i
     # The years a timestamp column (and Python's datetime) can hold.
     if not -62135596800000000 <= value <= 253402300799999999:
         return None
@@ -326,6 +341,152 @@ def _source_reader(column: Column) -> Callable[[dict, Counter], Any]:
     return read
 
 
+def _canonical(text: str, micros: int) -> bool:
+    """
+    Whether a timestamp column gives C{text} back as it is.
+    """
+    if len(text) == 24 and text[23] == "Z" and text[19] == "." and text[10] == "T":
+        return True  # YYYY-MM-DDTHH:MM:SS.mmmZ, valid: always its own rendering
+    return format_timestamp(micros) == text
+
+
+def _int_fits_double(v: int) -> bool:
+    try:
+        return float(v) == v
+    except OverflowError:
+        return False
+
+
+class _Compiler:
+    """
+    Writes the Python source of a batch's row building for one table: the
+    checks of every declared column inlined in one loop (no call, tuple or
+    closure per value), one function per declared object.  What it writes
+    is a pure function of the table, and runs with the rules above; the
+    fitters of L{fitter_for} keep the rules for lists and derived columns.
+    """
+
+    def __init__(self) -> None:
+        self.namespace: dict = {
+            "MISSING": MISSING, "dumps_json": dumps_json, "parse_timestamp": parse_timestamp,
+            "parse_date": parse_date, "_canonical": _canonical,
+            "_int_fits_double": _int_fits_double,
+        }
+        self.sources: list = []
+        self._n = 0
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    def constant(self, prefix: str, value: Any) -> str:
+        name = self.name(prefix)
+        self.namespace[name] = value
+        return name
+
+    def fit(self, column: Column, label: str, target: str, x: str, indent: str) -> list:
+        """
+        Lines that fit C{v} (present) to C{column}: set C{target}, and on a
+        misfit or null put C{v} in dict C{x} under the column's name.
+        """
+        key = repr(column.name)
+        lab = repr(label)
+        miss = [f"{indent}    {target} = None", f"{indent}    {x}[{key}] = v",
+                f"{indent}    if v is not None:", f"{indent}        M[{lab}] += 1"]
+        kind = column.kind
+        if kind == "string":
+            return [f"{indent}if type(v) is str:", f"{indent}    {target} = v",
+                    f"{indent}else:"] + miss
+        if kind == "int64":
+            return [f"{indent}if type(v) is int and -9223372036854775808 <= v <= 9223372036854775807:",
+                    f"{indent}    {target} = v", f"{indent}else:"] + miss
+        if kind == "bool":
+            return [f"{indent}if type(v) is bool:", f"{indent}    {target} = v",
+                    f"{indent}else:"] + miss
+        if kind == "double":
+            return [f"{indent}t = type(v)", f"{indent}if t is float:", f"{indent}    {target} = v",
+                    f"{indent}elif t is int and _int_fits_double(v):",
+                    f"{indent}    {target} = float(v)", f"{indent}else:"] + miss
+        if kind == "timestamp":
+            return [f"{indent}if type(v) is str and ({target} := parse_timestamp(v)) is not None:",
+                    f"{indent}    if not _canonical(v, {target}):",
+                    f"{indent}        {x}[{key}] = v",
+                    f"{indent}else:"] + miss
+        if kind == "date":
+            return [f"{indent}if type(v) is str and ({target} := parse_date(v)) is not None:",
+                    f"{indent}    pass", f"{indent}else:"] + miss
+        if kind == "json":
+            return [f"{indent}if v is None:", f"{indent}    {target} = None",
+                    f"{indent}    {x}[{key}] = None",
+                    f"{indent}else:", f"{indent}    {target} = dumps_json(v)"]
+        if kind == "list":
+            helper = self.constant("L", fitter_for(column, label))
+        else:  # struct
+            helper = self.struct(column.fields, label)
+        return [f"{indent}{target}, r = {helper}(v, M)",
+                f"{indent}if r is not MISSING:", f"{indent}    {x}[{key}] = r"]
+
+    def fields(self, fields: tuple, label: str, d: str, x: str, targets: list,
+               indent: str) -> list:
+        lines = [f"{indent}found = 0"]
+        for column, target in zip(fields, targets):
+            key = repr(column.name)
+            sub = f"{label}.{column.name}" if label else column.name
+            lines += [f"{indent}if {key} in {d}:", f"{indent}    found += 1",
+                      f"{indent}    v = {d}[{key}]"]
+            lines += self.fit(column, sub, target, x, indent + "    ")
+            lines += [f"{indent}else:", f"{indent}    {target} = None"]
+        names = self.constant("N", frozenset(c.name for c in fields))
+        lines += [f"{indent}if found < len({d}):", f"{indent}    for k in {d}:",
+                  f"{indent}        if k not in {names}:",
+                  f"{indent}            {x}[k] = {d}[k]"]
+        return lines
+
+    def struct(self, fields: tuple, label: str) -> str:
+        """
+        A function C{(v, M) -> (dict or None, extra or MISSING)} for a
+        declared object; returns its name.
+        """
+        name = self.name("S")
+        targets = [f"c{i}" for i in range(len(fields))]
+        lines = [f"def {name}(d, M):", "    if type(d) is not dict:",
+                 "        if d is None:", "            return None, None",
+                 f"        M[{label!r}] += 1", "        return None, d", "    x = {}"]
+        lines += self.fields(fields, label, "d", "x", targets, "    ")
+        pairs = ", ".join(f"{c.name!r}: {t}" for c, t in zip(fields, targets))
+        lines += [f"    return {{{pairs}}}, (x if x else MISSING)"]
+        self.sources.append("\n".join(lines))
+        return name
+
+    def table(self, table: Table) -> str:
+        columns = table.columns
+        top = [c for c in columns if not c.derived]
+        targets = {c.name: f"c{i}" for i, c in enumerate(columns)}
+        n = len(columns)
+        lines = ["def build(events, cols, M, failed):"]
+        lines += [f"    a{i} = cols[{i}].append" for i in range(n + 1)]
+        lines += ["    for index, d in enumerate(events):",
+                  "        if type(d) is not dict:",
+                  f"            for i in range({n}):", "                cols[i].append(None)",
+                  f"            a{n}(dumps_json(d))", "            continue",
+                  "        try:", "            x = {}"]
+        lines += self.fields(tuple(top), "", "d", "x", [targets[c.name] for c in top],
+                             "            ")
+        for i, column in enumerate(columns):
+            if column.derived:
+                reader = self.constant("R", _source_reader(column))
+                lines.append(f"            c{i} = {reader}(d, M)")
+        lines += ["            xt = dumps_json(x) if x else None",
+                  "        except Exception as e:  # one event never fails its batch",
+                  "            failed.append((index, e))", "            continue"]
+        lines += [f"        a{i}(c{i})" for i in range(n)] + [f"        a{n}(xt)"]
+        self.sources.append("\n".join(lines))
+        source = "\n\n".join(self.sources) + "\n"
+        exec(compile(source, f"<estat rows of {table.stream}>", "exec"), self.namespace)
+        self.source = source
+        return "build"
+
+
 class RowBuilder:
     """
     Builds the columns of a batch of events for L{Table} C{table}: one
@@ -334,12 +495,10 @@ class RowBuilder:
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        top = [c for c in table.columns if not c.derived]
-        self._fit = _struct_fitter(tuple(top), "")
-        self._top_names = [c.name for c in top]
-        self._derived = [(i, _source_reader(c)) for i, c in enumerate(table.columns)
-                         if c.derived]
-        self._order = [c.name for c in table.columns]
+        compiler = _Compiler()
+        self._build = compiler.namespace[compiler.table(table)]
+        #: The generated source, for reading and debugging.
+        self.source = compiler.source
 
     def columns(self, events: list) -> tuple[list, Counter, list]:
         """
@@ -349,36 +508,9 @@ class RowBuilder:
         exception), which are in no column.
         """
         misfits: Counter = Counter()
-        n = len(self._order)
-        cols = [[] for _ in range(n + 1)]
-        appends = [c.append for c in cols]
-        extra_append = appends[n]
-        fit = self._fit
-        derived = self._derived
-        columns = self.table.columns
-        top = [(appends[i], name) for i, name in enumerate(self._order)
-               if not columns[i].derived]
-        derived = [(appends[i], read) for i, read in derived]
-        failed = []
-        for index, event in enumerate(events):
-            try:
-                values, extra = fit(event, misfits)
-                extra_text = None if extra is MISSING else dumps_json(extra)
-                if values is None:
-                    # Not an object (never so from the edge): kept whole.
-                    for i in range(n):
-                        appends[i](None)
-                    extra_append(extra_text)
-                    continue
-                side = [read(event, misfits) for _, read in derived]
-            except Exception as e:  # one event must never fail its batch
-                failed.append((index, e))
-                continue
-            for append, name in top:
-                append(values[name])
-            for (append, _), value in zip(derived, side):
-                append(value)
-            extra_append(extra_text)
+        cols = [[] for _ in range(len(self.table.columns) + 1)]
+        failed: list = []
+        self._build(events, cols, misfits, failed)
         return cols, misfits, failed
 
 
