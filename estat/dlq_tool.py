@@ -87,7 +87,16 @@ def export(directory: str, out) -> int:
         except (FileNotFoundError, CorruptFile) as e:
             print(f"estat-dlq: skipping {name}: {e}", file=sys.stderr)
             continue
-        data = gzip.decompress(obj.body)
+        if obj.key.endswith(".parquet"):
+            # OUTPUT_FORMAT=parquet: the JSON Lines jsonl mode would have
+            # stored for the same events (pyarrow, only for such entries).
+            from .encode.parquet import read_events
+            from .encode.rows import dumps_json
+
+            data = b"".join(dumps_json(e).encode("utf-8") + b"\n"
+                            for e in read_events(obj.body))
+        else:
+            data = gzip.decompress(obj.body)
         out.write(data)
         count += data.count(b"\n")
     return count
