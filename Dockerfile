@@ -9,7 +9,7 @@ RUN python -m venv /opt/estat
 COPY setup.cfg setup.py pyproject.toml README.md constraints.txt ./
 COPY estat ./estat
 COPY twisted ./twisted
-RUN /opt/estat/bin/pip install --no-cache-dir -c constraints.txt . \
+RUN /opt/estat/bin/pip install --no-cache-dir -c constraints.txt ".[parquet]" \
  && /opt/estat/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 FROM ${PYTHON_IMAGE}
