@@ -108,3 +108,62 @@ class PartitionedEncoderTests(SynchronousTestCase):
         [obj] = self.encoder(JsonlEncoder()).encode(batch)
         self.assertEqual(obj.key, batch.key)
         self.assertEqual(obj.count, 2)
+
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+
+from estat.batcher import Batcher  # noqa: E402
+from estat.metrics import Metrics  # noqa: E402
+from estat.queue import EventQueue  # noqa: E402
+from estat.test.test_batcher import START, RecordingSink  # noqa: E402
+
+
+class PartitionedBatcherTests(SynchronousTestCase):
+    def make(self, batch_size=4, flush_interval=10.0, limit=100):
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.queue = EventQueue(1000)
+        self.metrics = Metrics(CollectorRegistry())
+        self.sink = RecordingSink(immediate=True)
+        self.batcher = Batcher(queue=self.queue, sink=self.sink,
+                               key_maker=KeyMaker("raw", "dlq", "t", entropy=lambda n: b"\1" * n),
+                               metrics=self.metrics, clock=self.clock, batch_size=batch_size,
+                               flush_interval=flush_interval, max_pending=100,
+                               partitioner=Partitioner(keys=("kind",), max_partitions=limit))
+        self.batcher.startService()
+        self.addCleanup(self.batcher.stopService)
+
+    def offer(self, *kinds):
+        self.queue.offer([(self.clock.seconds(), line({"kind": k})) for k in kinds])
+
+    def parts(self):
+        return [(b.partition, b.count) for b in self.sink.batches]
+
+    def test_apart_and_size_bound(self):
+        self.make(batch_size=4)
+        self.offer("a", "b", "a", "b")
+        # The total reached BATCH_SIZE: the largest partition is sealed.
+        self.assertEqual(len(self.sink.batches), 1)
+        self.assertIn(self.sink.batches[0].partition, ("kind=a/", "kind=b/"))
+        self.assertTrue(all(b.key.startswith(b.partition, 4) for b in self.sink.batches))
+        self.assertLessEqual(self.batcher.open_count, 4)
+
+    def test_interval_per_partition(self):
+        self.make(batch_size=100, flush_interval=10.0)
+        self.offer("a")
+        self.clock.advance(5)
+        self.offer("b")
+        self.clock.advance(5)
+        self.assertEqual(self.parts(), [("kind=a/", 1)])
+        self.clock.advance(5)
+        self.assertEqual(self.parts(), [("kind=a/", 1), ("kind=b/", 1)])
+
+    def test_overflow_counted(self):
+        self.make(batch_size=100, limit=2)
+        self.offer("a", "b", "c", "d", "a")
+        self.assertEqual(self.metrics.registry.get_sample_value(
+            "estat_partition_overflow_events_total", {"stream": "collect"}), 2)
+        self.successResultOf(self.batcher.drain())
+        self.assertEqual(sorted(self.parts()), [("kind=__other__/", 2), ("kind=a/", 2),
+                                                ("kind=b/", 1)])
