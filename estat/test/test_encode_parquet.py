@@ -236,3 +236,29 @@ class HostileTests(SynchronousTestCase):
             err = io.StringIO()
             self.assertEqual(main([path], stdout=io.BytesIO(), stderr=err), 2)
             self.assertIn("not an Estat Parquet file", err.getvalue())
+
+
+class StreamTests(SynchronousTestCase):
+    def test_segment_round_trip(self):
+        sent = [
+            {"type": "track", "event": "Bought", "userId": 5, "timestamp": "2026-12-06T14:40:04Z",
+             "sentAt": "bad", "context": {"ip": "1.2.3.4", "library": {"name": "js"},
+                                          "userAgent": None, "page": {"url": 3}},
+             "properties": {"revenue": 2 ** 70, "x": None}, "integrations": {},
+             "_estat": server()},
+            {"type": "identify", "traits": [], "_estat": server()},
+        ]
+        obj = ParquetEncoder(segment_table()).encode(batch(sent))[0]
+        self.assertEqual(dict(obj.misfits), {"userId": 1, "sentAt": 1, "context_page_url": 1})
+        self.assertEqual(read_events(obj.body), jsonl_events(sent))
+        table = pq.read_table(pa.BufferReader(obj.body))
+        self.assertEqual(table.column("context_ip").to_pylist(), ["1.2.3.4", None])
+        self.assertEqual(table.column("_extra").to_pylist()[1], None)
+
+    def test_collect_without_schema_whole_event(self):
+        sent = [{"a": {"b": [1, None]}, "_estat": server()}, {"_estat": server(), "x": None}]
+        obj = ParquetEncoder(collect_table()).encode(batch(sent))[0]
+        table = pq.read_table(pa.BufferReader(obj.body))
+        self.assertEqual([json.loads(x) for x in table.column("_extra").to_pylist()],
+                         [{"a": {"b": [1, None]}}, {"x": None}])
+        self.assertEqual(read_events(obj.body), jsonl_events(sent))
