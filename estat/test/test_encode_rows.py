@@ -142,3 +142,20 @@ class FitTests(SynchronousTestCase):
         row, extra, _, failed = build([1, 2])
         self.assertEqual(extra, [1, 2])
         self.assertEqual(failed, [])
+
+
+class ServerTimestampTests(SynchronousTestCase):
+    def test_received_at_is_canonical(self):
+        """
+        The server's own received_at text is what the column gives back,
+        so _estat never adds to _extra.
+        """
+        from estat.encode.rows import format_timestamp
+        from estat.event import format_received_at
+
+        for at in (0.0, 1765000000.0, 1765000000.123, 1765000000.9999):
+            text = format_received_at(at)
+            self.assertEqual(format_timestamp(parse_timestamp(text)), text)
+            row, extra, misfits, _ = build({"_estat": {"received_at": text, "ip": "1",
+                                                       "user_agent": "u", "source": "s"}})
+            self.assertEqual((extra, misfits), (None, {}))
