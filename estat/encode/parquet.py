@@ -45,7 +45,9 @@ def arrow_type(column: Column) -> pa.DataType:
     if column.kind == "struct":
         return pa.struct([arrow_field(f) for f in column.fields])
     if column.kind == "list":
-        return pa.list_(_SCALAR_TYPES[column.item])
+        # "element", the name Parquet's LIST layout gives the item (and
+        # pyarrow reads back), so a stored file's schema equals this one.
+        return pa.list_(pa.field("element", _SCALAR_TYPES[column.item]))
     return _SCALAR_TYPES[column.kind]
 
 
