@@ -37,6 +37,8 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/tables.py --out bench/RESULTS.md $(TABLES_ARGS)
+	$(BIN)/python bench/encoders.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
