@@ -27,7 +27,7 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 
 from estat.http.protocol import FastHTTPFactory  # noqa: E402
-from estat.ingest import IngestCore, QueueAdmission  # noqa: E402
+from estat.ingest.core import IngestCore, QueueAdmission  # noqa: E402
 from estat.metrics import Metrics  # noqa: E402
 from estat.queue import EventQueue  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> int:
                       dedup=dedup)
     handler = core.collect
     if args.stub:
-        from estat.ingest import Answer
+        from estat.ingest.core import Answer
 
         answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
 

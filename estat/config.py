@@ -336,7 +336,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REQUEST_TIMEOUT", "30s", _positive_duration, "a request's headers and body must arrive within this (answer: 408)"),
     Setting("MAX_CONNECTIONS", "5000", _positive_int, "open HTTP connections beyond this are closed at once"),
     Setting("LOG_FORMAT", "text", _log_format, "log format on stdout: text or json"),
-    # Segment-compatible tracking API (estat.segment).
+    # Segment-compatible tracking API (estat.ingest.segment_rules).
     Setting("SEGMENT_PREFIX", "segment", _key_prefix, "key prefix of stored Segment messages"),
     Setting("PUBLIC_URL", "", _public_url, "this server's URL as browsers reach it (https://collect.example.com), for analytics.js settings; empty: from the request"),
     Setting("DEDUP_WINDOW", "10m", parse_duration, "a messageId admitted this recently is acknowledged and not stored again; 0 disables"),

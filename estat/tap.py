@@ -23,17 +23,17 @@ from .config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 from .dedup import DedupWindow
 from .dlq import DiskDeadLetterQueue
 from .event import ClientAddressResolver
-from .http.access import CorsPolicy, WriteKeys, read_keys_file
+from .ingest.access import CorsPolicy, WriteKeys, read_keys_file
 from .http.routes import IngestAPI, Readiness
-from .http.body import Limits
+from .ingest.body import Limits
 from .http.protocol import FastHTTPFactory
-from .http.segment import SegmentAPI
+from .ingest.segment_api import SegmentAPI
 from .http.site import HTTPListenerService
-from .ingest import IngestCore, QueueAdmission
+from .ingest.core import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue
-from .segment import SegmentLimits
+from .ingest.segment_rules import SegmentLimits
 from .service import EstatService
 from .store.local import LocalDirectoryStore
 from .uploader import Uploader

@@ -115,7 +115,7 @@ def _segment_call(summary: str, body_schema: dict) -> dict:
 
 def _segment_paths() -> dict:
     """
-    Segment's HTTP tracking API (estat.http.segment).
+    Segment's HTTP tracking API (estat.ingest.segment_api).
     """
     paths = {}
     # analytics.js's short forms (/v1/t ... /v1/b) are the same handlers:

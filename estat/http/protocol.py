@@ -25,7 +25,7 @@ llhttp (httptools, the parser of Node.js), strictly, as RFC 9112 asks.
    keep-alive connection is closed after C{HTTP_IDLE_TIMEOUT}.  One timer
    sweeps every connection's deadline, instead of a timer per request.
 
-The protocol decides nothing about events: that is L{estat.ingest}.
+The protocol decides nothing about events: that is L{estat.ingest.core}.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
-from ..ingest import Answer, IngestRequest
+from ..ingest.core import Answer, IngestRequest
 
 __all__ = ["FastHTTPFactory", "FastHTTPProtocol", "MAX_HEADER_BYTES", "MAX_TARGET_BYTES"]
 
@@ -729,7 +729,7 @@ class FastHTTPFactory(Factory):
     routes, the limits, the cached C{Date}, the deadline sweep, and the
     set of open connections a shutdown closes.
 
-    @ivar routes: path to ingest handler (L{estat.ingest.IngestCore.collect}, ...).
+    @ivar routes: path to ingest handler (L{estat.ingest.core.IngestCore.collect}, ...).
     @ivar resource: the Klein resource for every other path.
     """
 

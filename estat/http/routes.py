@@ -1,7 +1,7 @@
 # -*- test-case-name: estat.test.test_http_routes -*-
 """
 The HTTP API (Klein): C{/collect} through the ingest core
-(L{estat.ingest}); C{/healthz}, C{/readyz}, C{/metrics} and
+(L{estat.ingest.core}); C{/healthz}, C{/readyz}, C{/metrics} and
 C{/openapi.json} for load balancers and operators.
 
 A handler never does disk or network work; it answers from what is in
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..ingest import Answer, IngestCore, IngestRequest
+from ..ingest.core import Answer, IngestCore, IngestRequest
 from ..metrics import CONTENT_TYPE_LATEST, Metrics
 from .openapi import openapi_document
 
@@ -112,7 +112,7 @@ class IngestAPI:
     clock: IReactorTime = attr.ib()
     readiness: Readiness = attr.ib(factory=Readiness)
     #: More ingest handlers: C{path -> handler or None} (the Segment API's
-    #: L{estat.http.segment.SegmentAPI.handler_for}).
+    #: L{estat.ingest.segment_api.SegmentAPI.handler_for}).
     handler_for: object = attr.ib(default=lambda path: None)
 
     def resource(self):

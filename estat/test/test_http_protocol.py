@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from estat.http.protocol import MAX_HEADER_BYTES, MAX_TARGET_BYTES, FastHTTPFactory
-from estat.ingest import Answer
+from estat.ingest.core import Answer
 
 
 class Pages(Resource):

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
-from estat.ingest import IngestCore, QueueAdmission
+from estat.ingest.core import IngestCore, QueueAdmission
 from estat.http.routes import IngestAPI, Readiness
 from estat.metrics import SEED_METRIC_NAMES, Metrics
 from estat.queue import EventQueue
@@ -397,7 +397,7 @@ class MoreHandlersTests(APITestsMixin, SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from estat.http.segment import SegmentAPI
+        from estat.ingest.segment_api import SegmentAPI
 
         self.make_api()
         self.segment_queue = EventQueue(10)

@@ -20,12 +20,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
-from estat.http.access import CorsPolicy, WriteKeys
-from estat.ingest import IngestCore, QueueAdmission
+from estat.ingest.access import CorsPolicy, WriteKeys
+from estat.ingest.core import IngestCore, QueueAdmission
 from estat.http.routes import IngestAPI
 from estat.metrics import Metrics
 from estat.queue import EventQueue
-from estat.http.body import Limits
+from estat.ingest.body import Limits
 
 #: 2023-11-14T22:13:20.250Z
 NOW = 1700000000.25

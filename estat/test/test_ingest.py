@@ -1,6 +1,6 @@
 # -*- test-case-name: estat.test.test_ingest -*-
 """
-Tests for L{estat.ingest}: the rules of C{/collect} with no HTTP at all,
+Tests for L{estat.ingest.core}: the rules of C{/collect} with no HTTP at all,
 an L{IngestRequest} in and an L{Answer} out.
 """
 
@@ -16,9 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from estat.http.access import CorsPolicy, WriteKeys
-from estat.http.body import Limits
-from estat.ingest import IAdmission, IngestCore, IngestRequest, QueueAdmission, Refusal
+from estat.ingest.access import CorsPolicy, WriteKeys
+from estat.ingest.body import Limits
+from estat.ingest.core import IAdmission, IngestCore, IngestRequest, QueueAdmission, Refusal
 from estat.metrics import Metrics
 from estat.queue import EventQueue
 

@@ -50,7 +50,7 @@ from estat.event import (
 from estat.keys import KeyMaker, sanitize
 from estat.metrics import Metrics
 from estat.queue import EventQueue
-from estat.http.body import BodyRejected, Limits, decode_content, decode_events
+from estat.ingest.body import BodyRejected, Limits, decode_content, decode_events
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from estat.batcher import Batcher
-from estat.ingest import IAdmission, Refusal
+from estat.ingest.core import IAdmission, Refusal
 from estat.interfaces import StoreError
 from estat.keys import KeyMaker
 from estat.metrics import Metrics
@@ -338,7 +338,7 @@ class WiringTests(SynchronousTestCase):
         return build_service(config, _Reactor(), environ={"HOSTNAME": "h"})
 
     def test_memory(self) -> None:
-        from estat.ingest import QueueAdmission
+        from estat.ingest.core import QueueAdmission
 
         service = self.build()
         self.assertIsInstance(service.core.admission, QueueAdmission)

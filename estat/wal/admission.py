@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..encoder import Batch
-from ..ingest import IAdmission, Refusal
+from ..ingest.core import IAdmission, Refusal
 from ..keys import KeyMaker
 from ..metrics import Metrics
 from ..queue import EventQueue

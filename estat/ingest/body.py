@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_http_body -*-
+# -*- test-case-name: estat.test.test_ingest_body -*-
 """
 From a request body to the events it carries: content decoding (gzip,
 deflate) with a hard cap on the decoded size, then one JSON object, a JSON

@@ -21,12 +21,12 @@ import attr
 import orjson
 from zope.interface import Interface, implementer
 
-from .dedup import DedupWindow, find_retries
-from .event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line, make_lines
-from .http.access import CorsPolicy, WriteKeys
-from .http.body import BodyRejected, Limits, decode_content, decode_events
-from .metrics import Metrics
-from .queue import EventQueue
+from ..dedup import DedupWindow, find_retries
+from ..event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line, make_lines
+from .access import CorsPolicy, WriteKeys
+from .body import BodyRejected, Limits, decode_content, decode_events
+from ..metrics import Metrics
+from ..queue import EventQueue
 
 __all__ = [
     "Answer",

@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_segment -*-
+# -*- test-case-name: estat.test.test_ingest_segment_rules -*-
 """
-Tests for L{estat.segment}: Segment's rules, with no HTTP.
+Tests for L{estat.ingest.segment_rules}: Segment's rules, with no HTTP.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import UnencodedEvent
-from estat.segment import (
+from estat.ingest.segment_rules import (
     EVENT_ROUTES,
     MessageRejected,
     Received,

@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_http_access -*-
+# -*- test-case-name: estat.test.test_ingest_access -*-
 """
 Who may post events: write keys (optional) and CORS for browsers.
 
@@ -111,7 +111,7 @@ class WriteKeys:
 
     def presented(self, request) -> bytes | None:
         """
-        The key an L{estat.ingest.IngestRequest} carries: C{X-Write-Key},
+        The key an L{estat.ingest.core.IngestRequest} carries: C{X-Write-Key},
         C{Authorization: Bearer}, or (for C{navigator.sendBeacon}, which
         cannot set headers) the C{write_key} query parameter.
         """
@@ -181,7 +181,7 @@ class CorsPolicy:
 
     def headers(self, request) -> tuple:
         """
-        The CORS response fields for an L{estat.ingest.IngestRequest}:
+        The CORS response fields for an L{estat.ingest.core.IngestRequest}:
         C{Vary: Origin} always, the allow fields for an allowed origin.
         """
         if not self.origins:

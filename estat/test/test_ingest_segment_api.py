@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_http_segment -*-
+# -*- test-case-name: estat.test.test_ingest_segment_api -*-
 """
-Tests for L{estat.http.segment}: the Segment handlers, an
+Tests for L{estat.ingest.segment_api}: the Segment handlers, an
 L{IngestRequest} in and an L{Answer} out, with no sockets.
 """
 
@@ -17,12 +17,12 @@ from zope.interface import implementer
 
 from estat.dedup import DedupWindow
 from estat.event import ClientAddressResolver
-from estat.http.access import CorsPolicy, WriteKeys
-from estat.http.segment import PIXEL_GIF, SegmentAPI, basic_auth_user
-from estat.ingest import IAdmission, IngestRequest, QueueAdmission, Refusal
+from estat.ingest.access import CorsPolicy, WriteKeys
+from estat.ingest.segment_api import PIXEL_GIF, SegmentAPI, basic_auth_user
+from estat.ingest.core import IAdmission, IngestRequest, QueueAdmission, Refusal
 from estat.metrics import Metrics
 from estat.queue import EventQueue
-from estat.segment import SegmentLimits
+from estat.ingest.segment_rules import SegmentLimits
 
 NOW = 1_764_576_000.25  # 2025-12-01T08:00:00.250Z
 ORIGIN = b"https://app.example"

@@ -1,8 +1,8 @@
-# -*- test-case-name: estat.test.test_http_segment -*-
+# -*- test-case-name: estat.test.test_ingest_segment_api -*-
 """
 Segment's HTTP tracking API as ingest handlers: each takes an
-L{estat.ingest.IngestRequest} and calls C{respond} once with an
-L{estat.ingest.Answer}, so the fast protocol and the Klein routes serve
+L{estat.ingest.core.IngestRequest} and calls C{respond} once with an
+L{estat.ingest.core.Answer}, so the fast protocol and the Klein routes serve
 them alike.
 
  - C{POST /v1/track} ... C{/v1/batch} and analytics.js's short forms
@@ -14,7 +14,7 @@ them alike.
    from C{cdnURL}, naming this server (C{PUBLIC_URL}, or the request's
    C{Host}) as its API host.
 
-The rules of a message live in L{estat.segment}; this module reads the
+The rules of a message live in L{estat.ingest.segment_rules}; this module reads the
 request (write key, body encoding, client address) and writes answers.  A
 batch is all or nothing.  A message whose C{messageId} was admitted within
 the dedup window is acknowledged and not stored again.
@@ -33,9 +33,9 @@ import orjson
 
 from ..dedup import DedupWindow, find_retries
 from ..event import ClientAddressResolver, format_received_at
-from ..ingest import Answer, IngestRequest, Refusal, error_answer
+from .core import Answer, IngestRequest, Refusal, error_answer
 from ..metrics import Metrics
-from ..segment import (
+from .segment_rules import (
     EVENT_ROUTES,
     PIXEL_ROUTES,
     MessageRejected,
@@ -101,7 +101,7 @@ class SegmentAPI:
     The Segment routes.
 
     @ivar admission: where accepted messages go (the Segment stream's
-        L{estat.ingest.IAdmission}: its own queue, batcher and prefix).
+        L{estat.ingest.core.IAdmission}: its own queue, batcher and prefix).
     @ivar dedup: the window of admitted message ids, or C{None}.
     @ivar public_url: C{PUBLIC_URL}: C{https://collect.example.com}, or
         empty to name the request's C{Host}.

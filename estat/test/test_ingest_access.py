@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_http_access -*-
+# -*- test-case-name: estat.test.test_ingest_access -*-
 """
-Tests for L{estat.http.access}: write keys and the CORS policy; and the
+Tests for L{estat.ingest.access}: write keys and the CORS policy; and the
 client address a request is stored with (L{estat.event.ClientAddressResolver}
 with C{IP_ANONYMIZE}).
 """
@@ -12,8 +12,8 @@ import ipaddress
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
-from estat.ingest import IngestRequest
-from estat.http.access import (CorsPolicy, WriteKeys, parse_list, query_values,
+from estat.ingest.core import IngestRequest
+from estat.ingest.access import (CorsPolicy, WriteKeys, parse_list, query_values,
                                read_keys_file, split_key)
 
 

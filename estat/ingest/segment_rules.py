@@ -1,4 +1,4 @@
-# -*- test-case-name: estat.test.test_segment -*-
+# -*- test-case-name: estat.test.test_ingest_segment_rules -*-
 """
 Segment's tracking API, as rules: from the JSON a Segment SDK sends to the
 messages Estat stores, one line each.
@@ -38,7 +38,7 @@ from typing import Any, Callable
 import attr
 import orjson
 
-from .event import SERVER_FIELD, EventRejected, anonymize_ip, make_line, parse_json
+from ..event import SERVER_FIELD, EventRejected, anonymize_ip, make_line, parse_json
 
 __all__ = [
     "EVENT_ROUTES",

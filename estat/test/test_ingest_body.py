@@ -1,6 +1,6 @@
-# -*- test-case-name: estat.test.test_http_body -*-
+# -*- test-case-name: estat.test.test_ingest_body -*-
 """
-Tests for L{estat.http.body}: content decoding with a hard cap, and the
+Tests for L{estat.ingest.body}: content decoding with a hard cap, and the
 events of one JSON object, a JSON array or an NDJSON body.
 """
 
@@ -12,7 +12,7 @@ import zlib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from estat.http.body import BodyRejected, Limits, decode_content, decode_events, is_ndjson
+from estat.ingest.body import BodyRejected, Limits, decode_content, decode_events, is_ndjson
 
 NDJSON = b"application/x-ndjson"
 JSON = b"application/json"
