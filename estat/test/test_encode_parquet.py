@@ -116,6 +116,39 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(first.body, second.body)
         self.assertEqual(first.content_md5, content_md5(first.body))
 
+    def test_time_columns_are_delta_encoded(self):
+        """
+        Timestamp and date columns (C{t}, C{day}, C{_estat.received_at})
+        are written C{DELTA_BINARY_PACKED} with no dictionary; the other
+        columns keep theirs; DuckDB reads every value back.
+        """
+        events = [dict(s="a%d" % (i % 3), t="2026-12-06T14:40:%02d.5Z" % (i % 60),
+                       day="2026-12-%02d" % (1 + i % 28), l=[i],
+                       _estat=dict(server(i), received_at="2026-12-06T14:40:%02d.%03dZ"
+                                   % (i // 1000, i % 1000)))
+                  for i in range(2000)]
+        obj = self.encode(events)
+        meta = pq.ParquetFile(pa.BufferReader(obj.body)).metadata.row_group(0)
+        encodings = {meta.column(i).path_in_schema: meta.column(i).encodings
+                     for i in range(meta.num_columns)}
+        for path in ("t", "day", "_estat.received_at"):
+            self.assertIn("DELTA_BINARY_PACKED", encodings[path], path)
+            self.assertNotIn("RLE_DICTIONARY", encodings[path], path)
+        self.assertIn("RLE_DICTIONARY", encodings["s"])
+        self.assertEqual(read_events(obj.body), jsonl_events(events))
+        import duckdb
+        con = duckdb.connect()
+        con.execute("SET TimeZone='UTC'")
+        path = self.mktemp() + ".parquet"
+        with open(path, "wb") as f:
+            f.write(obj.body)
+        rows = con.execute(
+            "SELECT count(DISTINCT _estat.received_at), min(day), max(day), "
+            "max(t) FROM read_parquet(?)", [path]).fetchone()
+        self.assertEqual(rows[0], 2000)
+        self.assertEqual((str(rows[1]), str(rows[2])), ("2026-12-01", "2026-12-28"))
+        self.assertEqual(rows[3].isoformat(), "2026-12-06T14:40:59.500000+00:00")
+
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
