@@ -19,29 +19,9 @@ import orjson
 
 from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, EventRejected,
                      check_event, parse_json)
+from .rejected import Rejected
 
-__all__ = ["BodyRejected", "Limits", "decode_content", "decode_events", "is_ndjson"]
-
-
-class BodyRejected(Exception):
-    """
-    The request cannot be accepted.
-
-    @ivar status: the HTTP status (400, 413, 415).
-    @ivar reason: a short reason for metrics.
-    @ivar message: a short sentence for the JSON error body.
-    @ivar index: the index of the first bad element of a batch, if any.
-    """
-
-    def __init__(self, status: int, reason: str, message: str, index: int | None = None,
-                 count: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.index = index
-        #: events in the refused request, where known (for the metrics)
-        self.count = count
+__all__ = ["Limits", "decode_content", "decode_events", "is_ndjson"]
 
 
 @attr.s(frozen=True, slots=True)
@@ -70,7 +50,7 @@ def decode_content(body: bytes, encoding: bytes | None, cap: int) -> bytes:
     Undo C{Content-Encoding}.  Decompression stops as soon as the output
     passes C{cap}: a small gzip bomb costs at most C{cap} bytes.
 
-    @raise BodyRejected: 415 for an unknown encoding, 400 for a corrupt
+    @raise Rejected: 415 for an unknown encoding, 400 for a corrupt
         stream, 413 past the cap.
     """
     if not encoding:
@@ -84,7 +64,7 @@ def decode_content(body: bytes, encoding: bytes | None, cap: int) -> bytes:
         # RFC 9110's deflate is zlib-wrapped; some clients send raw deflate.
         wbits = zlib.MAX_WBITS if body[:1] and (body[0] & 0x0F) == 8 else -zlib.MAX_WBITS
     else:
-        raise BodyRejected(415, "unsupported_encoding",
+        raise Rejected(415, "unsupported_encoding",
                            "unsupported Content-Encoding; use gzip, deflate or identity")
     out = bytearray()
     data = body
@@ -93,22 +73,22 @@ def decode_content(body: bytes, encoding: bytes | None, cap: int) -> bytes:
         try:
             out += decompressor.decompress(data, cap + 1 - len(out))
             if len(out) > cap or decompressor.unconsumed_tail:
-                raise BodyRejected(413, "too_large_decoded",
+                raise Rejected(413, "too_large_decoded",
                                    f"decompressed body is larger than {cap} bytes")
             out += decompressor.flush()
         except zlib.error:
-            raise BodyRejected(400, "bad_encoding", "body is not valid for its Content-Encoding") from None
+            raise Rejected(400, "bad_encoding", "body is not valid for its Content-Encoding") from None
         if len(out) > cap:
-            raise BodyRejected(413, "too_large_decoded",
+            raise Rejected(413, "too_large_decoded",
                                f"decompressed body is larger than {cap} bytes")
         if not decompressor.eof:
-            raise BodyRejected(400, "bad_encoding", "compressed body is truncated")
+            raise Rejected(400, "bad_encoding", "compressed body is truncated")
         data = decompressor.unused_data
         if not data:
             return bytes(out)
         if wbits != 16 + zlib.MAX_WBITS:
             # Only gzip has members; anything after a deflate stream is junk.
-            raise BodyRejected(400, "bad_encoding", "data after the end of the compressed body")
+            raise Rejected(400, "bad_encoding", "data after the end of the compressed body")
         # Concatenated gzip members (cat a.gz b.gz) are one valid gzip body.
 
 
@@ -133,7 +113,7 @@ def _element(obj: Any, index: int | None) -> dict:
     try:
         return check_event(obj)
     except EventRejected as e:
-        raise BodyRejected(400, e.reason, e.message, index) from None
+        raise Rejected(400, e.reason, e.message, index) from None
 
 
 def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tuple[list, bool]:
@@ -143,7 +123,7 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
     @return: C{(events, batch)}: a list of C{(obj, raw)} pairs (C{raw} is
         the element's original bytes where known) and whether the body was
         a batch (array or NDJSON).
-    @raise BodyRejected: naming the first bad element's index in a batch.
+    @raise Rejected: naming the first bad element's index in a batch.
     """
     if content_type is not None and is_ndjson(content_type):
         return _decode_ndjson(body, limits), True
@@ -160,38 +140,38 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
             return [(obj, body)], False
     if first != b"{" and body.lstrip()[:1] == b"[":
         if len(body) > limits.body_size:
-            raise BodyRejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")
+            raise Rejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")
         try:
             items = parse_json(body)
         except EventRejected as e:
-            raise BodyRejected(400, e.reason, e.message) from None
+            raise Rejected(400, e.reason, e.message) from None
         if not items:
-            raise BodyRejected(400, "empty_batch", "the batch holds no events")
+            raise Rejected(400, "empty_batch", "the batch holds no events")
         if len(items) > limits.events_per_request:
-            raise BodyRejected(413, "too_many_events",
+            raise Rejected(413, "too_many_events",
                                f"a request may carry at most {limits.events_per_request} events")
         if type(items) is list and all(type(obj) is dict and SERVER_FIELD not in obj
                                        for obj in items):
             return [(obj, None) for obj in items], True
         try:
             return [(_element(obj, i), None) for i, obj in enumerate(items)], True
-        except BodyRejected as e:
+        except Rejected as e:
             e.count = len(items) if isinstance(items, list) else 1
             raise
     if len(body) > limits.event_size:
-        raise BodyRejected(413, "too_large", f"an event may be at most {limits.event_size} bytes")
+        raise Rejected(413, "too_large", f"an event may be at most {limits.event_size} bytes")
     try:
         obj = parse_json(body)
     except EventRejected as e:
-        raise BodyRejected(400, e.reason, e.message) from None
+        raise Rejected(400, e.reason, e.message) from None
     if type(obj) is not dict:
-        raise BodyRejected(400, "not_an_object", "body must be a JSON object or an array of objects")
+        raise Rejected(400, "not_an_object", "body must be a JSON object or an array of objects")
     return [(_element(obj, None), body)], False
 
 
 def _decode_ndjson(body: bytes, limits: Limits) -> list:
     if len(body) > limits.body_size:
-        raise BodyRejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")
+        raise Rejected(413, "too_large", f"batch body is larger than {limits.body_size} bytes")
     events = []
     index = 0
     for line in body.split(b"\n"):
@@ -199,17 +179,17 @@ def _decode_ndjson(body: bytes, limits: Limits) -> list:
         if not line:
             continue
         if len(events) >= limits.events_per_request:
-            raise BodyRejected(413, "too_many_events",
+            raise Rejected(413, "too_many_events",
                                f"a request may carry at most {limits.events_per_request} events")
         if len(line) > limits.event_size:
-            raise BodyRejected(413, "too_large",
+            raise Rejected(413, "too_large",
                                f"an event may be at most {limits.event_size} bytes", index)
         try:
             obj = parse_json(line)
         except EventRejected as e:
-            raise BodyRejected(400, e.reason, e.message, index) from None
+            raise Rejected(400, e.reason, e.message, index) from None
         events.append((_element(obj, index), line))
         index += 1
     if not events:
-        raise BodyRejected(400, "empty_batch", "the batch holds no events")
+        raise Rejected(400, "empty_batch", "the batch holds no events")
     return events

@@ -24,7 +24,8 @@ from zope.interface import Interface, implementer
 from ..dedup import DedupWindow, find_retries
 from ..event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line, make_lines
 from .access import CorsPolicy, WriteKeys
-from .body import BodyRejected, Limits, decode_content, decode_events
+from .body import Limits, decode_content, decode_events
+from .rejected import Rejected
 from ..metrics import Metrics
 from ..queue import EventQueue
 
@@ -207,7 +208,7 @@ class IngestCore:
             else:
                 obj, raw = items[0]
                 events = [(received, make_line(obj, server_fields, raw))]
-        except BodyRejected as e:
+        except Rejected as e:
             extra = {"index": e.index} if e.index is not None else {}
             respond(self._reject(received, e.status, e.reason, e.message, cors,
                                  events=max(1, e.count or len(items)), **extra))
@@ -279,7 +280,7 @@ class IngestCore:
         try:
             return make_lines(items, server_fields, received, overhead, limit)
         except ValueError as e:
-            raise BodyRejected(413, "too_large", f"an event may be at most {limit} bytes",
+            raise Rejected(413, "too_large", f"an event may be at most {limit} bytes",
                                e.args[0]) from None
 
     def _reject(self, received: float, status: int, reason: str, message: str,

@@ -38,7 +38,6 @@ from ..metrics import Metrics
 from .segment_rules import (
     EVENT_ROUTES,
     PIXEL_ROUTES,
-    MessageRejected,
     Received,
     SegmentLimits,
     decode_pixel,
@@ -51,7 +50,8 @@ from .segment_rules import (
     write_key_of,
 )
 from .access import CorsPolicy, WriteKeys, query_values
-from .body import BodyRejected, decode_content
+from .body import decode_content
+from .rejected import Rejected
 
 __all__ = ["SegmentAPI", "PIXEL_GIF", "SETTINGS_PREFIX", "SETTINGS_SUFFIX", "basic_auth_user"]
 
@@ -223,14 +223,9 @@ class SegmentAPI:
             if encoding:
                 body = decode_content(body, encoding, self.limits.batch_size)
             doc = parse_document(body, route_type, self.limits)
-        except BodyRejected as e:
-            # The SDKs retry a 413 for ever: a body too large is a 400.
-            status = 400 if e.status == 413 else e.status
-            reason = "too_large" if e.status == 413 else e.reason
+        except Rejected as e:
+            status, reason = e.segment()
             respond(self._reject(status, reason, e.message, cors))
-            return
-        except MessageRejected as e:
-            respond(self._reject(e.status, e.reason, e.message, cors))
             return
         if presented is None:
             key = write_key_of(doc)
@@ -242,9 +237,10 @@ class SegmentAPI:
             return
         try:
             checked, defaults = messages_of(doc, route_type, self.limits)
-        except MessageRejected as e:
+        except Rejected as e:
             extra = {"index": e.index} if e.index is not None else {}
-            respond(self._reject(e.status, e.reason, e.message, cors, e.count, **extra))
+            status, reason = e.segment()
+            respond(self._reject(status, reason, e.message, cors, e.count or 1, **extra))
             return
 
         success = Answer(200, (_JSON,) + cors, _SUCCESS)
@@ -337,10 +333,10 @@ class SegmentAPI:
         data = args.get(b"data")
         try:
             if not data:
-                raise MessageRejected("bad_pixel_data", "the data parameter is missing")
+                raise Rejected(400, "bad_pixel_data", "the data parameter is missing")
             if len(data[0]) > self.limits.message_size * 4 // 3 + 4:
-                raise MessageRejected("too_large", "a message may be at most "
-                                      f"{self.limits.message_size} bytes")
+                raise Rejected(400, "too_large", "a message may be at most "
+                               f"{self.limits.message_size} bytes")
             doc = decode_pixel(data[0])
             presented = self._header_key(request)
             if presented is None:
@@ -348,10 +344,9 @@ class SegmentAPI:
                 presented = key.encode("utf-8") if key is not None else None
             allowed, source = self._authorise(presented)
             if not allowed:
-                raise MessageRejected("unauthorized", "a valid write key is required",
-                                      status=401)
+                raise Rejected(401, "unauthorized", "a valid write key is required")
             checked, defaults = messages_of(doc, PIXEL_ROUTES[request.path], self.limits)
-        except MessageRejected as e:
+        except Rejected as e:
             self._count_rejected(e.reason, 1)
             respond(gif)
             return

@@ -39,11 +39,11 @@ import attr
 import orjson
 
 from ..event import SERVER_FIELD, EventRejected, anonymize_ip, make_line, parse_json
+from .rejected import Rejected
 
 __all__ = [
     "EVENT_ROUTES",
     "MESSAGE_TYPES",
-    "MessageRejected",
     "Received",
     "SegmentLimits",
     "decode_pixel",
@@ -67,28 +67,6 @@ del _type
 
 #: Pixel routes (GET, C{?data=<base64 JSON>}) and the type each names.
 PIXEL_ROUTES: dict[bytes, str] = {b"/v1/pixel/track": "track", b"/v1/pixel/page": "page"}
-
-
-class MessageRejected(Exception):
-    """
-    A request Segment's API would refuse.
-
-    @ivar status: the HTTP status: 400 (the SDKs drop the batch; they retry
-        a 413 for ever, so size limits answer 400 too).
-    @ivar reason: a short reason, for metrics.
-    @ivar message: a short sentence for the JSON error body.
-    @ivar index: the index of the first bad message of a batch, if any.
-    @ivar count: the messages in the refused request, where known.
-    """
-
-    def __init__(self, reason: str, message: str, index: int | None = None,
-                 count: int = 1, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.index = index
-        self.count = count
 
 
 @attr.s(frozen=True, slots=True)
@@ -134,21 +112,21 @@ def parse_document(body: bytes, route_type: str | None, limits: SegmentLimits) -
     """
     The JSON object of a (decoded) request body.
 
-    @raise MessageRejected: for a body too large, not JSON, or not an
+    @raise Rejected: for a body too large, not JSON, or not an
         object.
     """
     if route_type is not None and len(body) > limits.message_size:
-        raise MessageRejected("too_large",
+        raise Rejected(400, "too_large",
                               f"a message may be at most {limits.message_size} bytes")
     if len(body) > limits.batch_size:
-        raise MessageRejected("too_large",
+        raise Rejected(400, "too_large",
                               f"a request body may be at most {limits.batch_size} bytes")
     try:
         doc = parse_json(body)
     except EventRejected as e:
-        raise MessageRejected(e.reason, e.message) from None
+        raise Rejected(400, e.reason, e.message) from None
     if type(doc) is not dict:
-        raise MessageRejected("not_an_object", "the body must be a JSON object")
+        raise Rejected(400, "not_an_object", "the body must be a JSON object")
     return doc
 
 
@@ -166,22 +144,22 @@ def decode_pixel(data: bytes) -> dict:
     The message of a pixel request's C{data} parameter: base64 (standard
     or URL-safe, padding optional) of a JSON object.
 
-    @raise MessageRejected: if it is not.
+    @raise Rejected: if it is not.
     """
     text = data.strip().replace(b"-", b"+").replace(b"_", b"/").replace(b" ", b"+")
     text += b"=" * (-len(text) % 4)
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise MessageRejected("bad_pixel_data", "data is not base64") from None
+        raise Rejected(400, "bad_pixel_data", "data is not base64") from None
     if not raw:
-        raise MessageRejected("bad_pixel_data", "data is empty")
+        raise Rejected(400, "bad_pixel_data", "data is empty")
     try:
         doc = parse_json(raw)
     except EventRejected as e:
-        raise MessageRejected(e.reason, "data is not base64 of a JSON object") from None
+        raise Rejected(400, e.reason, "data is not base64 of a JSON object") from None
     if type(doc) is not dict:
-        raise MessageRejected("not_an_object", "data must be a JSON object")
+        raise Rejected(400, "not_an_object", "data must be a JSON object")
     return doc
 
 
@@ -202,33 +180,33 @@ def _check(message: Any, route_type: str | None, index: int | None) -> str:
     """
     The message's type, after Segment's checks.
 
-    @raise MessageRejected: naming what is wrong.
+    @raise Rejected: naming what is wrong.
     """
     if type(message) is not dict:
-        raise MessageRejected("not_an_object", "a message must be a JSON object", index)
+        raise Rejected(400, "not_an_object", "a message must be a JSON object", index)
     if SERVER_FIELD in message:
-        raise MessageRejected("reserved_field",
+        raise Rejected(400, "reserved_field",
                               f"field {SERVER_FIELD!r} is reserved for the server", index)
     kind = route_type or message.get("type")
     if kind not in MESSAGE_TYPES:
-        raise MessageRejected("bad_type", "'type' must be one of " + ", ".join(MESSAGE_TYPES),
+        raise Rejected(400, "bad_type", "'type' must be one of " + ", ".join(MESSAGE_TYPES),
                               index)
     if not (_present(message.get("userId")) or _present(message.get("anonymousId"))):
-        raise MessageRejected("missing_user", "a message needs a 'userId' or an 'anonymousId'",
+        raise Rejected(400, "missing_user", "a message needs a 'userId' or an 'anonymousId'",
                               index)
     required = _REQUIRED.get(kind)
     if required is not None:
         field, text = required
         value = message.get(field)
         if not (_present(value) if field != "event" else type(value) is str and value):
-            raise MessageRejected("missing_" + field, text, index)
+            raise Rejected(400, "missing_" + field, text, index)
     for field in ("context", "integrations"):
         value = message.get(field)
         if value is not None and type(value) is not dict:
-            raise MessageRejected("bad_" + field, f"{field!r} must be an object", index)
+            raise Rejected(400, "bad_" + field, f"{field!r} must be an object", index)
     message_id = message.get("messageId")
     if message_id is not None and (type(message_id) is not str or not message_id):
-        raise MessageRejected("bad_message_id", "'messageId' must be a non-empty string", index)
+        raise Rejected(400, "bad_message_id", "'messageId' must be a non-empty string", index)
     return kind
 
 
@@ -238,18 +216,18 @@ def messages_of(doc: dict, route_type: str | None, limits: SegmentLimits) -> tup
     to merge under each (C{context}, C{integrations}, C{sentAt}).
 
     @return: C{([(type, message), ...], defaults)}.
-    @raise MessageRejected: naming the first bad message's index.
+    @raise Rejected: naming the first bad message's index.
     """
     if route_type is not None:
         return [(_check(doc, route_type, None), doc)], {}
     batch = doc.get("batch")
     if type(batch) is not list:
-        raise MessageRejected("bad_batch", "'batch' must be an array of messages")
+        raise Rejected(400, "bad_batch", "'batch' must be an array of messages")
     if not batch:
-        raise MessageRejected("empty_batch", "the batch holds no messages")
+        raise Rejected(400, "empty_batch", "the batch holds no messages")
     count = len(batch)
     if count > limits.messages_per_batch:
-        raise MessageRejected("too_many_events",
+        raise Rejected(400, "too_many_events",
                               f"a batch may carry at most {limits.messages_per_batch} messages",
                               count=count)
     defaults = {}
@@ -257,7 +235,7 @@ def messages_of(doc: dict, route_type: str | None, limits: SegmentLimits) -> tup
         value = doc.get(field)
         if value is not None:
             if type(value) is not dict:
-                raise MessageRejected("bad_" + field, f"{field!r} must be an object",
+                raise Rejected(400, "bad_" + field, f"{field!r} must be an object",
                                       count=count)
             defaults[field] = value
     if "sentAt" in doc:
@@ -268,9 +246,9 @@ def messages_of(doc: dict, route_type: str | None, limits: SegmentLimits) -> tup
         try:
             kind = _check(message, None, index)
             if len(orjson.dumps(message)) > limit:
-                raise MessageRejected("too_large", f"a message may be at most {limit} bytes",
+                raise Rejected(400, "too_large", f"a message may be at most {limit} bytes",
                                       index)
-        except MessageRejected as e:
+        except Rejected as e:
             e.count = count
             raise
         except (orjson.JSONEncodeError, TypeError):

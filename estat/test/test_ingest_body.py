@@ -12,7 +12,8 @@ import zlib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from estat.ingest.body import BodyRejected, Limits, decode_content, decode_events, is_ndjson
+from estat.ingest.body import Limits, decode_content, decode_events, is_ndjson
+from estat.ingest.rejected import Rejected
 
 NDJSON = b"application/x-ndjson"
 JSON = b"application/json"
@@ -26,8 +27,8 @@ def raw_deflate(data: bytes) -> bytes:
 class DecodeContentTests(SynchronousTestCase):
     payload = b'{"event":"click","n":1}\n' * 20
 
-    def rejected(self, body: bytes, encoding: bytes | None, cap: int = 1 << 20) -> BodyRejected:
-        return self.assertRaises(BodyRejected, decode_content, body, encoding, cap)
+    def rejected(self, body: bytes, encoding: bytes | None, cap: int = 1 << 20) -> Rejected:
+        return self.assertRaises(Rejected, decode_content, body, encoding, cap)
 
     def test_no_encoding(self):
         """
@@ -136,7 +137,7 @@ class DecodeContentTests(SynchronousTestCase):
         tracemalloc.start()
         try:
             tracemalloc.reset_peak()
-            e = self.assertRaises(BodyRejected, decode_content, bomb, b"gzip", cap)
+            e = self.assertRaises(Rejected, decode_content, bomb, b"gzip", cap)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -156,7 +157,7 @@ class DecodeContentTests(SynchronousTestCase):
         tracemalloc.start()
         try:
             tracemalloc.reset_peak()
-            e = self.assertRaises(BodyRejected, decode_content, bomb, b"gzip", 100)
+            e = self.assertRaises(Rejected, decode_content, bomb, b"gzip", 100)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -181,8 +182,8 @@ class DecodeEventsTests(SynchronousTestCase):
     limits = Limits(event_size=64, body_size=1024, events_per_request=5)
 
     def rejected(self, body: bytes, content_type: bytes | None = JSON,
-                 limits: Limits | None = None) -> BodyRejected:
-        return self.assertRaises(BodyRejected, decode_events, body, content_type,
+                 limits: Limits | None = None) -> Rejected:
+        return self.assertRaises(Rejected, decode_events, body, content_type,
                                  limits or self.limits)
 
     def test_defaults(self):
@@ -381,3 +382,24 @@ class IsNdjsonTests(SynchronousTestCase):
                       b"text/plain;charset=UTF-8", b"application/x-ndjsonx",
                       b"multipart/form-data"):
             self.assertFalse(is_ndjson(value), value)
+
+
+class RejectedTests(SynchronousTestCase):
+    """
+    L{Rejected} is the one refusal of both streams' rules.
+    """
+
+    def test_segment_answers_400_for_413(self):
+        """
+        Segment's routes answer a body too large with 400 C{too_large}
+        (the SDKs retry a 413 for ever); other statuses are kept.
+        """
+        self.assertEqual(Rejected(413, "too_many_events", "m").segment(), (400, "too_large"))
+        self.assertEqual(Rejected(415, "unsupported_encoding", "m").segment(),
+                         (415, "unsupported_encoding"))
+        self.assertEqual(Rejected(401, "unauthorized", "m").segment(), (401, "unauthorized"))
+
+    def test_fields(self):
+        e = Rejected(400, "bad_json", "not JSON", index=3, count=7)
+        self.assertEqual((e.status, e.reason, e.message, e.index, e.count, str(e)),
+                         (400, "bad_json", "not JSON", 3, 7, "not JSON"))

@@ -11,9 +11,9 @@ import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import UnencodedEvent
+from estat.ingest.rejected import Rejected
 from estat.ingest.segment_rules import (
     EVENT_ROUTES,
-    MessageRejected,
     Received,
     SegmentLimits,
     decode_pixel,
@@ -56,18 +56,18 @@ class ParseDocumentTests(SynchronousTestCase):
 
     def test_not_json_or_not_object(self) -> None:
         for body in (b"{", b"[1]", b'"x"', b"NaN"):
-            e = self.assertRaises(MessageRejected, parse_document, body, None, self.limits)
+            e = self.assertRaises(Rejected, parse_document, body, None, self.limits)
             self.assertEqual(e.status, 400)
 
     def test_message_over_32_kb(self) -> None:
         body = b'{"p":"' + b"x" * (32 * 1024) + b'"}'
-        e = self.assertRaises(MessageRejected, parse_document, body, "track", self.limits)
+        e = self.assertRaises(Rejected, parse_document, body, "track", self.limits)
         self.assertEqual((e.status, e.reason), (400, "too_large"))
         self.assertIn("32768", e.message)
 
     def test_batch_over_500_kb(self) -> None:
         body = b'{"batch":[],"p":"' + b"x" * (500 * 1024) + b'"}'
-        e = self.assertRaises(MessageRejected, parse_document, body, None, self.limits)
+        e = self.assertRaises(Rejected, parse_document, body, None, self.limits)
         self.assertEqual((e.status, e.reason), (400, "too_large"))
 
     def test_write_key(self) -> None:
@@ -80,8 +80,8 @@ class ParseDocumentTests(SynchronousTestCase):
 class ValidationTests(SynchronousTestCase):
     limits = SegmentLimits()
 
-    def reject(self, doc, route_type=None) -> MessageRejected:
-        return self.assertRaises(MessageRejected, messages_of, doc, route_type, self.limits)
+    def reject(self, doc, route_type=None) -> Rejected:
+        return self.assertRaises(Rejected, messages_of, doc, route_type, self.limits)
 
     def test_single_message_takes_the_route_type(self) -> None:
         messages, defaults = messages_of({"userId": "u", "event": "E", "type": "page"},
@@ -144,7 +144,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_batch_limits(self) -> None:
         limits = SegmentLimits(messages_per_batch=2)
-        e = self.assertRaises(MessageRejected, messages_of,
+        e = self.assertRaises(Rejected, messages_of,
                               {"batch": [{"type": "page", "userId": "u"}] * 3}, None, limits)
         self.assertEqual((e.status, e.reason, e.count), (400, "too_many_events", 3))
         big = {"type": "page", "userId": "u", "p": "x" * (32 * 1024)}
@@ -260,7 +260,7 @@ class PixelTests(SynchronousTestCase):
 
     def test_bad(self) -> None:
         for data in (b"", b"!!!", base64.b64encode(b"[1]"), base64.b64encode(b"{")):
-            e = self.assertRaises(MessageRejected, decode_pixel, data)
+            e = self.assertRaises(Rejected, decode_pixel, data)
             self.assertEqual(e.status, 400)
 
 

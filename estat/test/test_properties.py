@@ -4,7 +4,7 @@ Property-based tests (hypothesis) of the pure parts of the pipeline:
 
  - the encoder gives back every event, exactly, once, in order;
  - request bodies (one object, an array, NDJSON, gzip) parse back to what
-   was sent, and anything else is refused with a L{BodyRejected};
+   was sent, and anything else is refused with a L{Rejected};
  - object keys follow the documented layout and partition by the UTC
    time of the first event;
  - duration and size settings parse exactly what they say;
@@ -50,7 +50,8 @@ from estat.event import (
 from estat.keys import KeyMaker, sanitize
 from estat.metrics import Metrics
 from estat.queue import EventQueue
-from estat.ingest.body import BodyRejected, Limits, decode_content, decode_events
+from estat.ingest.body import Limits, decode_content, decode_events
+from estat.ingest.rejected import Rejected
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -300,14 +301,14 @@ class RequestBodyProperties(SynchronousTestCase):
     ), st.sampled_from([None, b"application/json", b"application/x-ndjson"]))
     def test_any_body_is_events_or_a_body_rejected(self, body, ctype):
         """
-        No body makes the parser raise anything but L{BodyRejected}, with
+        No body makes the parser raise anything but L{Rejected}, with
         400 or 413; what it accepts is a list of events (objects without
         C{_estat}).
         """
         limits = Limits(event_size=300, body_size=600, events_per_request=5)
         try:
             items, _ = decode_events(body, ctype, limits)
-        except BodyRejected as e:
+        except Rejected as e:
             self.assertIn(e.status, (400, 413))
             return
         self.assertTrue(1 <= len(items) <= 5)
@@ -329,7 +330,7 @@ class RequestBodyProperties(SynchronousTestCase):
         if len(data) <= cap:
             self.assertEqual(decode_content(body, encoding, cap), data)
         else:
-            e = self.assertRaises(BodyRejected, decode_content, body, encoding, cap)
+            e = self.assertRaises(Rejected, decode_content, body, encoding, cap)
             self.assertEqual(e.status, 413)
 
     @PROPERTY
@@ -342,7 +343,7 @@ class RequestBodyProperties(SynchronousTestCase):
         body = b"".join(gzip.compress(m) for m in members)
         try:
             decoded = decode_content(body, b"gzip", 10 ** 6)
-        except BodyRejected as e:
+        except Rejected as e:
             self.assertEqual(e.status, 400)
             return
         self.assertEqual(decoded, b"".join(members))
