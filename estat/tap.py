@@ -235,6 +235,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         write_keys=WriteKeys(keys),
         cors=CorsPolicy(config.cors_allowed_origins),
         dedup=dedup,
+        record_source=config.output_format == "parquet" or "source" in config.partition_by,
     )
     segment_queue, segment_batcher, segment = _segment_stream(
         config, reactor, metrics, core, uploader, instance, segment_table)

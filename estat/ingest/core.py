@@ -164,6 +164,10 @@ class IngestCore:
     cors: CorsPolicy = attr.ib(factory=CorsPolicy)
     #: The window of recently admitted message ids (L{estat.dedup}), or None.
     dedup: DedupWindow | None = attr.ib(default=None)
+    #: Whether C{_estat} names the write key's source (C{WRITE_KEYS=key=name})
+    #: as C{source}: on when the stream is stored as a table or partitioned
+    #: by C{source}, off otherwise so that JSON Lines keep today's bytes.
+    record_source: bool = attr.ib(default=False)
 
     def __attrs_post_init__(self) -> None:
         # Decided once, not per request.
@@ -184,10 +188,13 @@ class IngestCore:
             respond(self._reject(received, 405, "method_not_allowed", "use POST",
                                  cors + (_ALLOW_POST,)))
             return
-        if self._keys_required and not self.write_keys.allows(request):
-            respond(self._reject(received, 401, "unauthorized",
-                                 "a valid write key is required", cors + _CHALLENGE))
-            return
+        source = None
+        if self._keys_required:
+            allowed, source = self.write_keys.source(self.write_keys.presented(request))
+            if not allowed:
+                respond(self._reject(received, 401, "unauthorized",
+                                     "a valid write key is required", cors + _CHALLENGE))
+                return
         headers = request.headers
         body = request.body
         items = ()
@@ -203,6 +210,8 @@ class IngestCore:
                     request.peer, _forwarded_for(headers)),
                 "user_agent": agent.decode("utf-8", "replace") if agent is not None else None,
             }
+            if self.record_source:
+                server_fields["source"] = source
             if batch:
                 events = self._batch_events(received, items, server_fields)
             else:

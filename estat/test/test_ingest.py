@@ -89,6 +89,35 @@ class IngestCoreTests(SynchronousTestCase):
         self.assertEqual(self.sample("http_requests_accepted_total"), 1)
         self.assertEqual(self.sample("events_accepted_total"), 1)
 
+    def test_source(self):
+        """
+        With C{record_source}, C{_estat.source} is the presented write key's
+        name (C{None} for a key without one, or when no key is required);
+        without it, C{_estat} has no C{source}, as JSON Lines always stored.
+        """
+        keys = WriteKeys(["k1=web", "k2"])
+        for record, key, expected in ((True, b"k1", {"source": "web"}),
+                                      (True, b"k2", {"source": None}),
+                                      (False, b"k1", {})):
+            queue = EventQueue(10)
+            core = IngestCore(admission=QueueAdmission(queue), metrics=self.metrics,
+                              clock=self.clock, write_keys=keys, record_source=record)
+            answer = self.answer(request(headers={b"x-write-key": key}), core)
+            self.assertEqual(answer.status, 202)
+            [(_, line)] = queue.take(10)
+            server = orjson.loads(line)["_estat"]
+            self.assertEqual({k: v for k, v in server.items() if k == "source"}, expected)
+        core = IngestCore(admission=QueueAdmission(self.queue), metrics=self.metrics,
+                          clock=self.clock, record_source=True)
+        self.assertEqual(self.answer(request(), core).status, 202)
+        [(_, line)] = self.queue.take(10)
+        self.assertIsNone(orjson.loads(line)["_estat"]["source"])
+        self.assertEqual(self.answer(request(headers={b"x-write-key": b"nope"}),
+                                     IngestCore(admission=QueueAdmission(self.queue),
+                                                metrics=self.metrics, clock=self.clock,
+                                                write_keys=keys, record_source=True)).status,
+                         401)
+
     def test_batch_gzip(self):
         body = gzip.compress(b'[{"a":1},{"a":2},{"a":3}]')
         answer = self.answer(request(body, headers={b"content-encoding": b"gzip"}))
