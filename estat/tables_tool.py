@@ -247,12 +247,18 @@ def _comments(notes: list) -> list:
     return [line for note in notes for line in _comment(note)]
 
 
+def _columns_source(table: Table) -> str:
+    if table.schema_id == "builtin":
+        return "the built-in columns (no schema file)"
+    return table.schema_id
+
+
 def _header(layout: TableLayout, engine: str) -> list:
     keys = ", ".join(layout.all_keys)
     lines = [
         f"-- estat-tables --engine {engine}: the {layout.stream} stream, "
         f"OUTPUT_FORMAT={layout.output_format}",
-        f"-- columns from {layout.table.schema_id}; partitions {keys}",
+        f"-- columns from {_columns_source(layout.table)}; partitions {keys}",
     ]
     return lines
 
@@ -432,7 +438,7 @@ def glue_table_input(layout: TableLayout) -> dict:
     params["EXTERNAL"] = "TRUE"
     params.update(projection_parameters(layout))
     description = (f"Estat {layout.stream} stream, OUTPUT_FORMAT={layout.output_format}, "
-                   f"columns from {layout.table.schema_id}")
+                   f"columns from {_columns_source(layout.table)}")
     if notes:
         description += ". " + " ".join(notes)
     return {
