@@ -582,3 +582,39 @@ class CommandTests(SynchronousTestCase):
     def test_duckdb_location_of_local_store(self):
         layout = layout_of(Config.defaults(local_store_dir="/srv/estat"), "collect")
         self.assertIn("read_json('/srv/estat/raw/**/*.jsonl.gz'", duckdb_ddl(layout))
+
+
+class DocsTests(SynchronousTestCase):
+    """
+    docs/querying.md shows each engine's text exactly as the command
+    prints it now.
+    """
+
+    ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    SCHEMA_PATH = "docs/examples/page-event.json"
+    BASE = {"OUTPUT_FORMAT": "parquet", "PARTITION_BY": "event", "ENV_FILE": "/nonexistent"}
+    EXAMPLES = [
+        ({"LOCAL_STORE_DIR": "/srv/estat-data"}, ["--engine", "duckdb"]),
+        ({"RAW_BUCKET": "my-estat-bucket"}, ["--engine", "athena", "--database", "analytics"]),
+        ({"RAW_BUCKET": "my-estat-bucket"}, ["--engine", "glue"]),
+        ({"LOCAL_STORE_DIR": "/srv/estat-data"}, ["--engine", "spark"]),
+        ({"RAW_BUCKET": "my-estat-bucket", "OUTPUT_FORMAT": "jsonl", "PARTITION_BY": ""},
+         ["--engine", "athena"]),
+        ({"RAW_BUCKET": "my-estat-bucket", "SEGMENT_PARTITION_BY": "type"},
+         ["--engine", "athena", "--stream", "segment"]),
+        ({"LOCAL_STORE_DIR": "/srv/estat-data", "SEGMENT_PARTITION_BY": "type"},
+         ["--engine", "duckdb", "--stream", "segment"]),
+    ]
+
+    def test_examples_are_current(self):
+        with open(os.path.join(self.ROOT, "docs", "querying.md"), encoding="utf-8") as f:
+            doc = f.read()
+        schema = os.path.join(self.ROOT, self.SCHEMA_PATH)
+        for env, argv in self.EXAMPLES:
+            environ = {**self.BASE, "COLLECT_SCHEMA": schema, **env}
+            out, err = io.StringIO(), io.StringIO()
+            self.assertEqual(main(argv, stdout=out, stderr=err, environ=environ), 0,
+                             err.getvalue())
+            text = out.getvalue().replace(schema, self.SCHEMA_PATH).rstrip("\n")
+            self.assertIn("\n" + text + "\n```", doc,
+                          f"docs/querying.md does not show {argv} {env} as printed")
