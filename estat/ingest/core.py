@@ -165,8 +165,10 @@ class IngestCore:
     #: The window of recently admitted message ids (L{estat.dedup}), or None.
     dedup: DedupWindow | None = attr.ib(default=None)
     #: Whether C{_estat} names the write key's source (C{WRITE_KEYS=key=name})
-    #: as C{source}: on when the stream is stored as a table or partitioned
-    #: by C{source}, off otherwise so that JSON Lines keep today's bytes.
+    #: as C{source}, when the key has a name: on when the stream is stored as
+    #: a table or partitioned by C{source}, off otherwise so that JSON Lines
+    #: keep today's bytes.  A key without a name adds nothing (an explicit
+    #: null would be kept in every row's C{_extra}).
     record_source: bool = attr.ib(default=False)
 
     def __attrs_post_init__(self) -> None:
@@ -210,7 +212,7 @@ class IngestCore:
                     request.peer, _forwarded_for(headers)),
                 "user_agent": agent.decode("utf-8", "replace") if agent is not None else None,
             }
-            if self.record_source:
+            if source is not None and self.record_source:
                 server_fields["source"] = source
             if batch:
                 events = self._batch_events(received, items, server_fields)
