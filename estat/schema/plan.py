@@ -270,6 +270,11 @@ def _compile(plan_path: str, file: str, cache: dict) -> Any:
     return validator
 
 
+def _mode(value: Any) -> Any:
+    # YAML 1.1 reads a bare off as false.
+    return "off" if value is False else value
+
+
 def _entry(plan_path: str, where: str, value: Any, mode: str, cache: dict) -> _Entry:
     if isinstance(value, str):
         value = {"file": value}
@@ -278,7 +283,7 @@ def _entry(plan_path: str, where: str, value: Any, mode: str, cache: dict) -> _E
     unknown = set(value) - {"file", "mode"}
     if unknown:
         raise PlanError(f"{plan_path}: {where}: unknown key {sorted(unknown)[0]!r}")
-    mode = value.get("mode", mode)
+    mode = _mode(value.get("mode", mode))
     if mode not in MODES:
         raise PlanError(f"{plan_path}: {where}: mode {mode!r} is not one of "
                         + ", ".join(MODES))
@@ -314,7 +319,7 @@ def load_plan(path: str) -> Plan:
         unknown = set(spec) - {"columns", "select", "mode", "schemas", "default"}
         if unknown:
             raise PlanError(f"{path}: {stream}: unknown key {sorted(unknown)[0]!r}")
-        mode = spec.get("mode", "off")
+        mode = _mode(spec.get("mode", "off"))
         if mode not in MODES:
             raise PlanError(f"{path}: {stream}: mode {mode!r} is not one of " + ", ".join(MODES))
         schemas = spec.get("schemas") or {}
