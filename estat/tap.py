@@ -120,6 +120,10 @@ def _tables(config: Config) -> tuple:
     except SchemaError as e:
         raise ConfigError(f"invalid {setting or 'SEGMENT_SCHEMA'}="
                           f"{config.schemas if setting else segment_schema!r}: {e}")
+    if plan is not None:
+        from .schema.columns import with_schema_errors
+
+        collect, segment = with_schema_errors(collect), with_schema_errors(segment)
     for setting, keys, table in (("PARTITION_BY", config.partition_by, collect),
                                  ("SEGMENT_PARTITION_BY", config.segment_partition_by, segment)):
         try:
