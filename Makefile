@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/tables.py --out bench/RESULTS.md $(TABLES_ARGS)
 	$(BIN)/python bench/encoders.py
+	$(BIN)/python bench/validators.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)

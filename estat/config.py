@@ -352,6 +352,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PARQUET_COMPRESSION", "zstd", _parquet_compression, "Parquet codec[:level]: zstd (default level 3), gzip, brotli, lz4, snappy or none"),
     Setting("COLLECT_SCHEMA", "", _string, "JSON Schema file declaring the columns of /collect events; empty: the whole event in _extra"),
     Setting("SEGMENT_SCHEMA", "", _string, "JSON Schema file declaring more Segment columns (properties, traits as structs)"),
+    Setting("SCHEMAS", "", _string, "tracking plan file (YAML or JSON): each stream's JSON Schemas and what to do with an event that fails (docs/schemas.md); empty: nothing is checked"),
+    Setting("BAD_PREFIX", "bad", _key_prefix, "key prefix of quarantined events (bad rows), BAD_PREFIX/<stream>/..."),
     Setting("PARTITION_BY", "", _partition_by, "Hive partition keys of /collect before dt/hour: source, or a declared string field"),
     Setting("SEGMENT_PARTITION_BY", "", _partition_by, "Hive partition keys of Segment messages before dt/hour: source, or a string field such as type or event"),
     Setting("MAX_PARTITIONS", "100", _positive_int, "partitions with unsealed events at once, per stream; events for more go to __other__"),
@@ -413,6 +415,8 @@ class Config:
     parquet_compression: tuple = attr.ib(default=("zstd", None))
     collect_schema: str = attr.ib(default="")
     segment_schema: str = attr.ib(default="")
+    schemas: str = attr.ib(default="")
+    bad_prefix: str = attr.ib(default="bad")
     partition_by: tuple = attr.ib(default=())
     segment_partition_by: tuple = attr.ib(default=())
     max_partitions: int = attr.ib(default=100)

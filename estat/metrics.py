@@ -226,6 +226,18 @@ class Metrics:
             "dedup_ids_evicted_early",
             "Message ids forgotten before DEDUP_WINDOW was over, because "
             "DEDUP_MAX_IDS were held", registry=r)
+        self.schema_events = Counter(
+            "estat_schema_events",
+            "Events checked against the tracking plan (SCHEMAS), by stream, schema and "
+            "result (valid, invalid)", ["stream", "schema", "result"], registry=r)
+        self.schema_errors = Counter(
+            "estat_schema_errors",
+            "Schema errors found in events (at most 100 per event), by stream, schema "
+            "and JSON Schema keyword", ["stream", "schema", "keyword"], registry=r)
+        self.schema_plan_reloads = Counter(
+            "estat_schema_plan_reloads",
+            "Tracking plan reloads on SIGHUP, by result (loaded, failed: the running "
+            "plan is kept)", ["result"], registry=r)
         self.shutdown_events_unsaved = Counter(
             "shutdown_events_unsaved",
             "Events still in memory when the shutdown deadline passed",

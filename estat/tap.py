@@ -104,14 +104,26 @@ def _tables(config: Config) -> tuple:
     from .pipeline.partitions import check_keys
     from .schema.columns import SchemaError, collect_table, segment_table
 
+    plan = _plan(config)
+    collect_schema, segment_schema = config.collect_schema, config.segment_schema
+    if plan is not None:
+        collect_schema = plan.columns("collect") or ""
+        segment_schema = plan.columns("segment") or ""
+    setting = "SCHEMAS" if plan is not None else None
     try:
-        collect = collect_table(config.collect_schema or None)
+        collect = collect_table(collect_schema or None)
     except SchemaError as e:
-        raise ConfigError(f"invalid COLLECT_SCHEMA={config.collect_schema!r}: {e}")
+        raise ConfigError(f"invalid {setting or 'COLLECT_SCHEMA'}="
+                          f"{config.schemas if setting else collect_schema!r}: {e}")
     try:
-        segment = segment_table(config.segment_schema or None)
+        segment = segment_table(segment_schema or None)
     except SchemaError as e:
-        raise ConfigError(f"invalid SEGMENT_SCHEMA={config.segment_schema!r}: {e}")
+        raise ConfigError(f"invalid {setting or 'SEGMENT_SCHEMA'}="
+                          f"{config.schemas if setting else segment_schema!r}: {e}")
+    if plan is not None:
+        from .schema.columns import with_schema_errors
+
+        collect, segment = with_schema_errors(collect), with_schema_errors(segment)
     for setting, keys, table in (("PARTITION_BY", config.partition_by, collect),
                                  ("SEGMENT_PARTITION_BY", config.segment_partition_by, segment)):
         try:
@@ -119,6 +131,34 @@ def _tables(config: Config) -> tuple:
         except ValueError as e:
             raise ConfigError(f"invalid {setting}={','.join(keys)!r}: {e}")
     return collect, segment
+
+
+def _plan(config: Config):
+    """
+    The tracking plan C{SCHEMAS} names, compiled, or C{None}.
+
+    @raise ConfigError: the plan does not load (naming its file and why),
+        it is set together with C{COLLECT_SCHEMA}/C{SEGMENT_SCHEMA}, or
+        C{BAD_PREFIX} would share keys with another prefix.
+    """
+    if not config.schemas:
+        return None
+    from .schema.plan import PlanError, load_plan
+
+    for other in ("COLLECT_SCHEMA", "SEGMENT_SCHEMA"):
+        if getattr(config, other.lower()):
+            raise ConfigError(f"invalid SCHEMAS={config.schemas!r}: {other} is set too; "
+                              "name the column schemas in the plan (columns:) instead")
+    bad = config.bad_prefix
+    for other in ("RAW_PREFIX", "SEGMENT_PREFIX", "DLQ_PREFIX"):
+        value = getattr(config, other.lower())
+        if value == bad or value.startswith(bad + "/") or bad.startswith(value + "/"):
+            raise ConfigError(f"invalid BAD_PREFIX={bad!r}: it shares keys with "
+                              f"{other}={value!r}")
+    try:
+        return load_plan(config.schemas)
+    except PlanError as e:
+        raise ConfigError(f"invalid SCHEMAS={config.schemas!r}: {e}")
 
 
 def stream_encoding(config: Config, table, key_maker: KeyMaker):
@@ -239,8 +279,19 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     )
     segment_queue, segment_batcher, segment = _segment_stream(
         config, reactor, metrics, core, uploader, instance, segment_table)
+    streams = [(segment_queue, segment_batcher)]
+    bad_streams = {}
+    plan = _plan(config)
+    if plan is not None:
+        from .ingest.validation import EventValidation
+
+        validation = EventValidation(plan, metrics)
+        core.validation = segment.validation = validation
+        for name in ("collect", "segment"):
+            bad_streams[name] = _bad_stream(config, reactor, metrics, uploader, instance, name)
+            streams.append(bad_streams[name])
     metrics.batches_pending.set_function(
-        lambda: batcher.pending_batches + segment_batcher.pending_batches)
+        lambda: batcher.pending_batches + sum(b.pending_batches for _, b in streams))
     api = IngestAPI(core=core, metrics=metrics, clock=reactor, readiness=readiness,
                     handler_for=segment.handler_for)
     wal, replays, settle = _ack_mode(config, core, queue, batcher, uploader, metrics, reactor,
@@ -249,11 +300,16 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     # stream in the same write-ahead log, or its own ledger of waiters.
     replays = replays + _segment_ack_mode(config, wal, segment, segment_queue,
                                           segment_batcher, uploader, metrics)
+    for name, (bad_queue, bad_batcher) in bad_streams.items():
+        admission, more = _stream_ack_mode(config, wal, "bad_" + name, bad_queue,
+                                           bad_batcher, metrics)
+        (core if name == "collect" else segment).bad_admission = admission
+        replays = replays + more
     if settle is not None:
         first_settle = settle
 
         def settle() -> Deferred:
-            return gatherResults([first_settle(), segment_batcher.drain()])
+            return gatherResults([first_settle()] + [b.drain() for _, b in streams])
 
     def too_large() -> None:
         metrics.http_requests.inc()
@@ -302,10 +358,18 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         clock=reactor,
         shutdown_timeout=config.shutdown_timeout,
         on_clean_shutdown=partial(_exit_zero_after_signal, reactor),
-        streams=[(segment_queue, segment_batcher)],
+        streams=streams,
         wal=wal,
         replays=replays,
     )
+    if plan is not None:
+        from .schema.reloader import PlanReloader
+
+        reloader = PlanReloader(path=config.schemas, validation=core.validation,
+                                metrics=metrics, run_in_thread=run_in_thread,
+                                on_signal=partial(_on_sighup, reactor))
+        reloader.setServiceParent(service)
+        service.reloader = reloader
     service.api = api
     service.segment = segment
     service.core = core
@@ -349,6 +413,75 @@ def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
         public_url=config.public_url,
     )
     return queue, batcher, segment
+
+
+def _bad_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
+                instance: str, stream: str):
+    """
+    The quarantined events (bad rows) of C{stream}: their own queue and
+    batcher, keys under C{BAD_PREFIX/<stream>/} (dt/hour partitions), gzip
+    JSON Lines whatever C{OUTPUT_FORMAT} (a bad row's event does not fit
+    the declared columns, by definition), the same uploader and
+    dead-letter queue.
+    """
+    from .encode.jsonl import JsonlEncoder
+
+    queue = EventQueue(config.channel_size)
+    prefix = f"{config.bad_prefix}/{stream}"
+    key_maker = KeyMaker(prefix, f"{config.dlq_prefix}/{prefix}", instance)
+    encoder = JsonlEncoder(config.gzip_level, "bad_" + stream)
+    batcher = Batcher(
+        queue=queue,
+        sink=uploader.sink_for(encoder),
+        key_maker=key_maker,
+        metrics=metrics,
+        clock=reactor,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending_batches,
+        stream="bad_" + stream,
+    )
+    return queue, batcher
+
+
+def _stream_ack_mode(config: Config, wal, stream: str, queue: EventQueue, batcher: Batcher,
+                     metrics: Metrics):
+    """
+    C{ACK_MODE} for one more stream: C{(admission, replays)}.
+    """
+    from .ingest.core import QueueAdmission
+
+    upload = batcher.sink
+    if config.ack_mode == "disk":
+        from .wal.admission import WalAdmission
+
+        admission = WalAdmission(wal=wal, queue=queue, upload=upload,
+                                 key_maker=batcher.key_maker, metrics=metrics, stream=stream,
+                                 replay_concurrency=config.max_pending_batches)
+        batcher.sink = admission.sink
+        return admission, [lambda recovered: admission.replay(recovered, batcher)]
+    if config.ack_mode == "stored":
+        from .wal.admission import StoredAdmission
+
+        admission = StoredAdmission(queue=queue, upload=upload, metrics=metrics,
+                                    max_waiting=config.ack_max_waiting)
+        batcher.sink = admission.sink
+        return admission, []
+    return QueueAdmission(queue, retry_after=1), []
+
+
+def _on_sighup(reactor, handler):
+    """
+    Run C{handler} on the reactor thread at each C{SIGHUP}; returns the
+    callable that puts the previous handler back.
+    """
+    import signal
+
+    def received(signum, frame) -> None:
+        reactor.callFromThread(handler)
+
+    previous = signal.signal(signal.SIGHUP, received)
+    return lambda: signal.signal(signal.SIGHUP, previous)
 
 
 def _ack_mode(config: Config, core: IngestCore, queue: EventQueue, batcher: Batcher,

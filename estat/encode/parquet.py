@@ -20,7 +20,7 @@ from zope.interface import implementer
 from ..encoder import Batch, EncodedObject, _poison_line, content_md5, encode_object
 from ..event import UnencodedEvent
 from ..interfaces import IEncoder
-from ..schema.columns import EXTRA_COLUMN, Column, Table
+from ..schema.columns import ESTAT_COLUMN, EXTRA_COLUMN, SCHEMA_ERRORS_COLUMN, Column, Table
 from .rows import RowBuilder
 
 __all__ = ["ParquetEncoder", "arrow_schema", "arrow_type", "SUFFIX", "read_events"]
@@ -123,6 +123,7 @@ class ParquetEncoder:
         self.level = level if level is not None else DEFAULT_LEVELS.get(codec)
         self.gzip_level = gzip_level
         self.layout = leaf_encodings(self.schema)
+        self._schema_errors = any(c.name == SCHEMA_ERRORS_COLUMN for c in table.columns)
 
     def encode(self, batch: Batch) -> list:
         events = []
@@ -131,6 +132,8 @@ class ParquetEncoder:
                 events.append(orjson.loads(payload))
             else:
                 events.append(payload.obj)
+        if self._schema_errors:
+            events = [_lift_schema_errors(e) for e in events]
         columns, misfits, failed = self.builder.columns(events)
         objects = []
         if len(failed) < len(events):
@@ -162,6 +165,20 @@ class ParquetEncoder:
                        compression_level=self.level,
                        row_group_size=max(1, table.num_rows), **self.layout)
         return sink.getvalue().to_pybytes()
+
+
+def _lift_schema_errors(event):
+    """
+    A flagged event's C{_estat.schema_errors} in its own column (the
+    C{_estat} struct keeps the server fields every event has).
+    """
+    server = event.get(ESTAT_COLUMN) if type(event) is dict else None
+    if type(server) is not dict or "schema_errors" not in server:
+        return event
+    event = dict(event)
+    event[ESTAT_COLUMN] = {k: v for k, v in server.items() if k != "schema_errors"}
+    event[SCHEMA_ERRORS_COLUMN] = server["schema_errors"]
+    return event
 
 
 def read_events(data, table: Table | None = None) -> list:

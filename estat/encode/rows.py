@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..schema.columns import Column, Table
+from ..schema.columns import ESTAT_COLUMN, SCHEMA_ERRORS_COLUMN, Column, Table
 
 __all__ = ["MISSING", "RowBuilder", "dumps_json", "format_timestamp", "parse_timestamp",
            "rebuild_event", "deep_merge"]
@@ -573,6 +573,9 @@ def rebuild_event(table: Table, row: dict) -> Any:
         value = row.get(column.name)
         if value is not None:
             event[column.name] = _from_column(column, value)
+    flagged = event.pop(SCHEMA_ERRORS_COLUMN, None)
+    if flagged is not None and type(event.get(ESTAT_COLUMN)) is dict:
+        event[ESTAT_COLUMN]["schema_errors"] = flagged
     return deep_merge(event, extra)
 
 

@@ -26,6 +26,7 @@ from ..event import SERVER_FIELD, ClientAddressResolver, format_received_at, mak
 from .access import CorsPolicy, WriteKeys
 from .body import Limits, decode_content, decode_events
 from .rejected import Rejected
+from .validation import admit_both, bad_row, errors_field
 from ..metrics import Metrics
 from ..queue import EventQueue
 
@@ -170,6 +171,10 @@ class IngestCore:
     #: keep today's bytes.  A key without a name adds nothing (an explicit
     #: null would be kept in every row's C{_extra}).
     record_source: bool = attr.ib(default=False)
+    #: The tracking plan's rules (L{estat.ingest.validation}), or None.
+    validation = attr.ib(default=None)
+    #: Where quarantined events go (the bad rows' stream), with a plan.
+    bad_admission = attr.ib(default=None)
 
     def __attrs_post_init__(self) -> None:
         # Decided once, not per request.
@@ -214,7 +219,18 @@ class IngestCore:
             }
             if source is not None and self.record_source:
                 server_fields["source"] = source
-            if batch:
+            sorting = None
+            if self.validation is not None:
+                sorting = self.validation.sort("collect", [obj for obj, _ in items])
+            if sorting is not None:
+                if sorting.rejected:
+                    respond(self._reject(received, 400, "schema_invalid",
+                                         "events do not match their schema", cors,
+                                         events=len(items), errors=sorting.rejected))
+                    return
+                events, bad = self._sorted_events(received, items, server_fields, sorting,
+                                                  batch)
+            elif batch:
                 events = self._batch_events(received, items, server_fields)
             else:
                 obj, raw = items[0]
@@ -224,7 +240,9 @@ class IngestCore:
             respond(self._reject(received, e.status, e.reason, e.message, cors,
                                  events=max(1, e.count or len(items)), **extra))
             return
-        count = len(events)
+        count = len(items)
+        if sorting is None:
+            bad = ()
         accepted = None  # the 202 body, when it is more than the count
         dedup, fresh = self.dedup, ()
         ids = [obj.get("messageId") for obj, _ in items] if dedup is not None else ()
@@ -237,9 +255,13 @@ class IngestCore:
                 return
             if retries.seen:
                 metrics.events_deduplicated.labels("collect").inc(len(retries.seen))
-                events = [e for i, e in enumerate(events) if i not in retries.seen]
+                if sorting is None:
+                    events = [e for i, e in enumerate(events) if i not in retries.seen]
+                else:
+                    events = [e for e in events if e[2] not in retries.seen]
+                    bad = [e for e in bad if e[2] not in retries.seen]
                 accepted = b'{"accepted":%d,"duplicates":%d}' % (count, len(retries.seen))
-                if not events:
+                if not events and not bad:
                     metrics.http_requests_accepted.inc()
                     respond(Answer(202, (_JSON_HEADER,) + cors, accepted))
                     return
@@ -252,7 +274,7 @@ class IngestCore:
                 if fresh:
                     dedup.commit(fresh)
                 metrics.http_requests_accepted.inc()
-                metrics.events_accepted.inc(len(events))
+                metrics.events_accepted.inc(len(events) + len(bad))
                 headers = _ACCEPTED_HEADERS.get(cors)
                 if headers is None:
                     headers = (_JSON_HEADER,) + cors
@@ -269,7 +291,40 @@ class IngestCore:
                 answer = self.refused(received, refusal, cors, count)
             respond(answer)
 
-        self.admission.admit(events, admitted)
+        if sorting is None:
+            self.admission.admit(events, admitted)
+        else:
+            admit_both(self.admission, [e[:2] for e in events],
+                       self.bad_admission, [e[:2] for e in bad], admitted)
+
+    def _sorted_events(self, received: float, items: list, server_fields: dict,
+                       sorting, batch: bool) -> tuple[list, list]:
+        """
+        The queued events of a request some of whose events failed their
+        schema: C{(good, bad)}, each C{(received_at, line, index)}.  A
+        flagged event carries its errors in C{_estat.schema_errors}; a
+        quarantined one becomes a bad row, its event whole under C{payload}.
+        """
+        quarantined, flagged = sorting.quarantined, sorting.flagged
+        limit = self.limits.event_size
+        overhead = len(orjson.dumps(server_fields)) + len(SERVER_FIELD) + 4
+        good, bad = [], []
+        for index, (obj, raw) in enumerate(items):
+            check = quarantined.get(index)
+            if check is not None:
+                bad.append((received, bad_row("collect", check, obj, server_fields), index))
+                continue
+            check = flagged.get(index)
+            if check is not None:
+                fields = dict(server_fields, schema_errors=errors_field(check))
+                good.append((received, make_line(obj, fields, raw), index))
+                continue
+            line = make_line(obj, server_fields, raw)
+            if batch and type(line) is bytes and len(line) - overhead > limit:
+                raise Rejected(413, "too_large", f"an event may be at most {limit} bytes",
+                                   index)
+            good.append((received, line, index))
+        return good, bad
 
     def refused(self, received: float, refusal: Refusal, cors: tuple, count: int) -> Answer:
         """

@@ -32,7 +32,7 @@ import attr
 import orjson
 
 from ..dedup import DedupWindow, find_retries
-from ..event import ClientAddressResolver, format_received_at
+from ..event import ClientAddressResolver, format_received_at, make_line
 from .core import Answer, IngestRequest, Refusal, error_answer
 from ..metrics import Metrics
 from .segment_rules import (
@@ -45,6 +45,7 @@ from .segment_rules import (
     new_message_id,
     normalise,
     parse_document,
+    server_fields,
     settings_document,
     to_lines,
     write_key_of,
@@ -52,6 +53,7 @@ from .segment_rules import (
 from .access import CorsPolicy, WriteKeys, query_values
 from .body import decode_content
 from .rejected import Rejected
+from .validation import admit_both, bad_row, errors_field
 
 __all__ = ["SegmentAPI", "PIXEL_GIF", "SETTINGS_PREFIX", "SETTINGS_SUFFIX", "basic_auth_user"]
 
@@ -119,6 +121,10 @@ class SegmentAPI:
     public_url: str = attr.ib(default="")
     new_id: Callable[[], str] = attr.ib(default=new_message_id)
     stream: str = attr.ib(default="segment")
+    #: The tracking plan's rules (L{estat.ingest.validation}), or None.
+    validation = attr.ib(default=None)
+    #: Where quarantined messages go (the bad rows' stream), with a plan.
+    bad_admission = attr.ib(default=None)
 
     def routes(self) -> dict:
         """
@@ -245,9 +251,12 @@ class SegmentAPI:
 
         success = Answer(200, (_JSON,) + cors, _SUCCESS)
 
-        def answer(refusal: Refusal | None, count: int) -> Answer:
+        def answer(refusal: Refusal | None, count: int, errors: list | None = None) -> Answer:
             if refusal is None:
                 return success
+            if errors is not None:
+                return self._reject(refusal.status, refusal.reason, refusal.message, cors,
+                                    count, errors=errors)
             return self._refused(refusal, cors, count)
 
         self._store(request, checked, defaults, presented, source, answer, respond)
@@ -271,6 +280,21 @@ class SegmentAPI:
             source=source,
             anonymize=resolver.anonymize,
         )
+        sorting = None
+        if self.validation is not None:
+            # The message as the client sent it (a /v1/track body may leave
+            # out the type its route gives it).
+            sorting = self.validation.sort(
+                self.stream,
+                [message if "type" in message else dict(message, type=kind)
+                 for kind, message in checked],
+                [message.get("event") if kind == "track" else kind
+                 for kind, message in checked])
+            if sorting is not None and sorting.rejected:
+                respond(answer(Refusal(400, "schema_invalid",
+                                       "messages do not match their schema"), len(checked),
+                               sorting.rejected))
+                return
         new_id = self.new_id
         messages = [normalise(kind, message, defaults, received, text, new_id)
                     for kind, message in checked]
@@ -287,6 +311,11 @@ class SegmentAPI:
                            len(messages)))
             return
         fresh = retries.fresh
+        bad = []
+        if sorting is not None:
+            events, bad = self._sorted_lines(checked, messages, sorting, retries.seen,
+                                             received, text)
+            count = len(events) + len(bad)
         if retries.seen:
             self.metrics.events_deduplicated.labels(self.stream).inc(len(retries.seen))
             messages = [m for i, m in enumerate(messages) if i not in retries.seen]
@@ -294,8 +323,9 @@ class SegmentAPI:
             self.metrics.http_requests_accepted.inc()
             respond(answer(None, 0))
             return
-        count = len(messages)
-        events = to_lines(messages, received, text)
+        if sorting is None:
+            count = len(messages)
+            events = to_lines(messages, received, text)
         if fresh:
             dedup.reserve(fresh)
 
@@ -309,7 +339,36 @@ class SegmentAPI:
                 dedup.release(fresh)
             respond(answer(refusal, count))
 
-        self.admission.admit(events, admitted)
+        if sorting is None:
+            self.admission.admit(events, admitted)
+        else:
+            admit_both(self.admission, events, self.bad_admission, bad, admitted)
+
+    def _sorted_lines(self, checked: list, messages: list, sorting, seen,
+                      received: Received, text: str) -> tuple[list, list]:
+        """
+        C{(good, bad)} queued events of a batch some of whose messages
+        failed their schema: a flagged message carries its errors in
+        C{_estat.schema_errors}; a quarantined one becomes a bad row, the
+        message as sent (less its C{writeKey}) under C{payload}.
+        """
+        fields = server_fields(received, text)
+        when = received.received_at
+        good, bad = [], []
+        for index, message in enumerate(messages):
+            if index in seen:
+                continue
+            check = sorting.quarantined.get(index)
+            if check is not None:
+                payload = checked[index][1]
+                if "writeKey" in payload:
+                    payload = {k: v for k, v in payload.items() if k != "writeKey"}
+                bad.append((when, bad_row(self.stream, check, payload, fields)))
+                continue
+            check = sorting.flagged.get(index)
+            own = fields if check is None else dict(fields, schema_errors=errors_field(check))
+            good.append((when, make_line(message, own, None)))
+        return good, bad
 
     # --- the pixel --------------------------------------------------------
 
@@ -351,8 +410,10 @@ class SegmentAPI:
             respond(gif)
             return
 
-        def answer(refusal: Refusal | None, count: int) -> Answer:
-            if refusal is not None:
+        def answer(refusal: Refusal | None, count: int, errors: list | None = None) -> Answer:
+            if errors is not None:
+                self._count_rejected(refusal.reason, count)
+            elif refusal is not None:
                 self._refused(refusal, (), count)  # counted; the GIF all the same
             return gif
 

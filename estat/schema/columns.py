@@ -36,6 +36,7 @@ import attr
 __all__ = [
     "KINDS", "SCALARS", "Column", "Table", "SchemaError", "ESTAT_COLUMN", "EXTRA_COLUMN",
     "load_schema_file", "table_from_schema", "collect_table", "segment_table",
+    "SCHEMA_ERRORS_COLUMN", "with_schema_errors",
 ]
 
 #: Every column kind.
@@ -45,6 +46,8 @@ SCALARS = ("string", "int64", "double", "bool", "timestamp", "date")
 
 ESTAT_COLUMN = "_estat"
 EXTRA_COLUMN = "_extra"
+#: With a tracking plan: a flagged event's C{_estat.schema_errors}, as json.
+SCHEMA_ERRORS_COLUMN = "_estat_schema_errors"
 #: Names no schema may declare at the top level.
 RESERVED = (ESTAT_COLUMN, EXTRA_COLUMN, "_estat_schema_errors")
 
@@ -287,6 +290,14 @@ def table_from_schema(stream: str, path: str, doc: dict | None = None,
         columns.append(column)
     columns.append(ESTAT)
     return Table(stream=stream, columns=tuple(columns), schema_id=path)
+
+
+def with_schema_errors(table: Table) -> Table:
+    """
+    C{table} with the L{SCHEMA_ERRORS_COLUMN} after C{_estat} (a tracking
+    plan is set: flagged events carry their errors there).
+    """
+    return attr.evolve(table, columns=table.columns + (Column(SCHEMA_ERRORS_COLUMN, "json"),))
 
 
 def collect_table(path: str | None = None) -> Table:

@@ -295,3 +295,38 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual([json.loads(x) for x in table.column("_extra").to_pylist()],
                          [{"a": {"b": [1, None]}}, {"x": None}])
         self.assertEqual(read_events(obj.body), jsonl_events(sent))
+
+
+class SchemaErrorsColumnTests(SynchronousTestCase):
+    """
+    With a tracking plan, a flagged event's C{_estat.schema_errors} is the
+    C{_estat_schema_errors} column, and reads back where it was.
+    """
+
+    def test_flagged_event(self) -> None:
+        from estat.encode.parquet import ParquetEncoder, read_events
+        from estat.encoder import Batch
+        from estat.schema.columns import collect_table, with_schema_errors
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        errors = [{"pointer": "/price", "keyword": "type", "message": "m"}]
+        flagged = {"e": 1, "_estat": {"received_at": "2026-12-01T08:00:00.000Z", "ip": "1.2.3.4",
+                                      "user_agent": "ua", "schema_errors": errors}}
+        plain = {"e": 2, "_estat": {"received_at": "2026-12-01T08:00:00.000Z", "ip": "1.2.3.4",
+                                    "user_agent": "ua"}}
+        table = with_schema_errors(collect_table())
+        batch = Batch(events=[(1.0, orjson.dumps(flagged)), (1.0, orjson.dumps(plain))],
+                      key="raw/x.parquet", poison_key="raw_dlq/x.jsonl.gz", first_event_at=1.0,
+                      sealed_at=1.0)
+        obj, = ParquetEncoder(table).encode(batch)
+        stored = pq.read_table(pa.BufferReader(obj.body))
+        self.assertEqual(stored.column("_estat_schema_errors").to_pylist(),
+                         [orjson.dumps(errors).decode(), None])
+        self.assertNotIn("schema_errors", stored.schema.field("_estat").type.names if hasattr(
+            stored.schema.field("_estat").type, "names") else [])
+        self.assertEqual(stored.column("_extra").to_pylist(), ['{"e":1}', '{"e":2}'])
+        events = read_events(obj.body)
+        self.assertEqual(events[0]["_estat"]["schema_errors"], errors)
+        self.assertNotIn("schema_errors", events[1]["_estat"])

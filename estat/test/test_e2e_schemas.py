@@ -1,0 +1,276 @@
+# -*- test-case-name: estat.test.test_e2e_schemas -*-
+"""
+End to end: a tracking plan (SCHEMAS) on a real C{twistd estat}.
+
+Each mode on C{/collect} and on the Segment routes (with the real
+analytics-python SDK), a plan with per-event-name schemas and a default,
+a 10,000-error event (the answer stays small), a C{$ref} cycle, a pattern
+that backtracks catastrophically in other engines (the reactor stays
+responsive), and SIGHUP under load with every acknowledged event stored,
+good or bad.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from estat.test.harness import LOOPBACK, EstatProcess, stored_objects_local, wait_until
+
+pytestmark = pytest.mark.e2e
+
+SCHEMAS = {
+    "purchase.json": {"type": "object", "properties": {"event": {"const": "purchase"},
+                                                       "price": {"type": "number"}},
+                      "required": ["price"]},
+    "signup.json": {"type": "object", "properties": {"plan": {"enum": ["free", "pro"]}},
+                    "required": ["plan"]},
+    "event.json": {"type": "object", "properties": {"event": {"type": "string"},
+                                                    "user": {"$ref": "common/user.json"}},
+                   "required": ["event"]},
+    "common/user.json": {"type": "object", "properties": {"id": {"type": "string"}}},
+    "ints.json": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "evil.json": {"type": "object", "properties": {"s": {"type": "string",
+                                                         "pattern": "^(a+)+$"}}},
+    "cycle.json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                   "$ref": "#/$defs/a"},
+    "order.json": {"type": "object", "properties": {"properties": {
+        "type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}}},
+}
+
+PLAN = """\
+collect:
+  select: event
+  mode: quarantine
+  schemas:
+    purchase: {file: purchase.json, mode: reject}
+    signup: {file: signup.json, mode: flag}
+    bulk: {file: ints.json, mode: reject}
+    evil: {file: evil.json, mode: reject}
+    loop: {file: cycle.json}
+  default: {file: event.json}
+segment:
+  mode: quarantine
+  schemas:
+    Order Completed: {file: order.json}
+    Order Refunded: {file: order.json, mode: reject}
+    Signed Up: {file: order.json, mode: flag}
+"""
+
+
+def write_plan(directory: str, plan: str = PLAN) -> str:
+    for name, schema in SCHEMAS.items():
+        path = os.path.join(directory, "schemas", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(schema, f)
+    path = os.path.join(directory, "schemas", "plan.yaml")
+    with open(path, "w") as f:
+        f.write(plan)
+    return path
+
+
+@pytest.fixture(scope="module")
+def estat(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("plan"))
+    process = EstatProcess({"SCHEMAS": write_plan(directory), "FLUSH_INTERVAL": "200ms",
+                            "MAX_BODY_SIZE": "200000", "MAX_BATCH_BODY_SIZE": "400000"})
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def post(estat, body, path: str = "/collect") -> tuple[int, dict]:
+    connection = http.client.HTTPConnection(LOOPBACK, estat.port, timeout=10)
+    try:
+        connection.request("POST", path, json.dumps(body).encode(),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data else {}
+    finally:
+        connection.close()
+
+
+def stored(estat, prefix: str) -> list:
+    return [e for key, events in sorted(stored_objects_local(estat.store_dir).items())
+            if key.startswith(prefix + "/") for e in events]
+
+
+def find(estat, prefix: str, predicate, count: int = 1, timeout: float = 10.0) -> list:
+    def found():
+        hits = [e for e in stored(estat, prefix) if predicate(e)]
+        return hits if len(hits) >= count else None
+
+    return wait_until(found, timeout, 0.1, lambda: f"{count} events under {prefix}")
+
+
+def test_collect_modes_by_name_and_default(estat):
+    run = uuid.uuid4().hex
+    # reject: 400 naming index, pointer, keyword; nothing stored
+    status, body = post(estat, [{"event": "click", "run": run, "n": 0},
+                                {"event": "purchase", "price": "12,50", "run": run}])
+    assert status == 400, body
+    assert body["errors"] == [{"index": 1, "pointer": "/price", "keyword": "type",
+                               "message": '"12,50" is not of type "number"'}]
+    # quarantine (the default's mode) and flag, with valid events alongside
+    status, body = post(estat, [{"event": "purchase", "price": 3, "run": run},
+                                {"run": run, "n": 1},
+                                {"event": "signup", "run": run},
+                                {"event": "click", "run": run, "user": {"id": 7}}])
+    assert (status, body) == (202, {"accepted": 4})
+    good = find(estat, "raw", lambda e: e.get("run") == run, 2)
+    assert sorted(e["event"] for e in good) == ["purchase", "signup"]
+    signup = next(e for e in good if e["event"] == "signup")
+    assert signup["_estat"]["schema_errors"] == [
+        {"pointer": "", "keyword": "required", "message": '"plan" is a required property'}]
+    bad = find(estat, "bad/collect", lambda e: e["payload"].get("run") == run, 2)
+    assert sorted(b["schema"] for b in bad) == ["event.json", "event.json"]
+    assert {b["errors"][0]["pointer"] for b in bad} == {"", "/user/id"}
+    assert bad[0]["bad_row"] == "schema_violation" and bad[0]["_estat"]["ip"] == LOOPBACK
+    assert {"run": run, "n": 1} in [b["payload"] for b in bad]
+    assert not [e for e in stored(estat, "raw") if e.get("n") == 0 and e.get("run") == run]
+    metrics = estat.metrics()
+    assert metrics['estat_schema_events_total{result="invalid",schema="event.json",'
+                   'stream="collect"}'] >= 2
+    assert metrics['estat_schema_errors_total{keyword="type",schema="purchase.json",'
+                   'stream="collect"}'] >= 1
+
+
+def test_ten_thousand_errors_answer_stays_small(estat):
+    event = {f"k{i}": "x" for i in range(10000)}
+    event["event"] = "bulk"
+    status, body = post(estat, event)
+    assert status == 400
+    assert len(body["errors"]) == 10
+    assert len(json.dumps(body)) < 2000
+
+
+def test_catastrophic_pattern_and_ref_cycle(estat):
+    start = time.monotonic()
+    status, body = post(estat, {"event": "evil", "s": "a" * 100000 + "!"})
+    assert status == 400 and body["errors"][0]["keyword"] == "pattern"
+    assert time.monotonic() - start < 2.0
+    status, _ = post(estat, {"event": "loop", "x": 1})
+    assert status == 202
+
+
+def test_segment_modes_with_analytics_python(estat):
+    from segment.analytics import Client
+
+    errors = []
+    client = Client("k", host=estat.url, upload_interval=0.05, max_retries=1,
+                    on_error=lambda e, batch: errors.append(e))
+    run = uuid.uuid4().hex
+    user = f"u-{run}"
+    client.track(user, "Order Completed", {"total": 5})
+    client.track(user, "Order Completed", {"tax": 1})   # quarantined
+    client.track(user, "Signed Up", {})                 # flagged
+    client.identify(user, {"email": "a@example.com"})   # no schema
+    client.flush()
+    client.join()
+    assert errors == []
+    good = find(estat, "segment", lambda e: e.get("userId") == user, 3)
+    flagged = [e for e in good if e.get("event") == "Signed Up"]
+    assert flagged[0]["_estat"]["schema_errors"][0]["keyword"] == "required"
+    bad = find(estat, "bad/segment", lambda e: e["payload"].get("userId") == user)
+    assert bad[0]["payload"]["properties"] == {"tax": 1}
+    assert bad[0]["payload"]["context"]["library"]["name"] == "analytics-python"
+    assert bad[0]["errors"][0]["pointer"] == "/properties"
+    # reject: the SDK gets a 400 (and drops the batch: use quarantine for SDKs)
+    client = Client("k", host=estat.url, upload_interval=0.05, max_retries=0,
+                    on_error=lambda e, batch: errors.append(e))
+    client.track(user, "Order Refunded", {})
+    client.flush()
+    client.join()
+    assert len(errors) == 1 and "400" in str(getattr(errors[0], "status", errors[0])), errors
+
+
+def test_bad_plan_at_start_up(tmp_path):
+    directory = str(tmp_path)
+    plan = write_plan(directory, "collect:\n  default: missing.json\n")
+    process = EstatProcess({"SCHEMAS": plan})
+    try:
+        assert process.proc.wait(30) == 2
+        log = process.log()
+        assert "invalid SCHEMAS=" in log and "missing.json" in log, log
+    finally:
+        process.stop()
+
+
+def test_sighup_under_load_loses_nothing(tmp_path):
+    """
+    Load from four threads while the plan is reloaded five times (two of
+    them a plan that does not load): every 202's events are stored, good
+    or bad, and the process answered throughout.
+    """
+    directory = str(tmp_path)
+    plan = write_plan(directory)
+    process = EstatProcess({"SCHEMAS": plan, "FLUSH_INTERVAL": "200ms"})
+    try:
+        process.wait_ready()
+        run = uuid.uuid4().hex
+        accepted = []
+        failures = []
+        stop = threading.Event()
+
+        def load(worker: int) -> None:
+            connection = http.client.HTTPConnection(LOOPBACK, process.port, timeout=10)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                events = [{"event": "click", "run": run, "id": f"{worker}-{n}-{i}"}
+                          if i % 10 else {"run": run, "id": f"{worker}-{n}-{i}"}
+                          for i in range(20)]
+                try:
+                    connection.request("POST", "/collect", json.dumps(events).encode(),
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    response.read()
+                except OSError as e:
+                    failures.append(repr(e))
+                    connection.close()
+                    connection = http.client.HTTPConnection(LOOPBACK, process.port, timeout=10)
+                    continue
+                if response.status == 202:
+                    accepted.extend(e["id"] for e in events)
+                else:
+                    failures.append(response.status)
+            connection.close()
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        broken = os.path.join(directory, "schemas", "plan.yaml")
+        for i in range(5):
+            time.sleep(0.4)
+            if i in (1, 3):
+                with open(broken, "w") as f:
+                    f.write("collect: [\n")
+            else:
+                write_plan(directory)
+            os.kill(process.pid, signal.SIGHUP)
+        time.sleep(0.4)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failures == []
+        assert len(accepted) > 1000
+        process.wait_log("tracking plan not reloaded", count=2)
+    finally:
+        process.stop()
+    good = [e["id"] for e in stored(process, "raw") if e.get("run") == run]
+    bad = [e["payload"]["id"] for e in stored(process, "bad/collect")
+           if e["payload"].get("run") == run]
+    assert len(good) + len(bad) == len(accepted)
+    assert sorted(good + bad) == sorted(accepted)
+    assert len(bad) == len(accepted) // 10
