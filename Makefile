@@ -36,6 +36,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	# system calls per request (needs strace and perf; skipped without them)
+	if command -v strace >/dev/null && command -v perf >/dev/null; then $(BIN)/python bench/syscalls.py; else echo 'bench/syscalls.py skipped: needs strace and perf'; fi
 	$(BIN)/python bench/compression.py
 	$(BIN)/python bench/tables.py --out bench/RESULTS.md $(TABLES_ARGS)
 	$(BIN)/python bench/encoders.py

@@ -14,7 +14,6 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
@@ -29,6 +28,7 @@ from .ingest.body import Limits
 from .http.protocol import FastHTTPFactory
 from .ingest.segment_api import SegmentAPI
 from .http.site import HTTPListenerService
+from .http.transport import server_endpoint
 from .ingest.core import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
@@ -340,7 +340,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     )
     metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
-        endpoint=serverFromString(reactor, with_backlog(config.http_addr)),
+        endpoint=server_endpoint(reactor, with_backlog(config.http_addr)),
         site=site,
         clock=reactor,
         grace=min(5.0, config.shutdown_timeout / 4),
