@@ -191,92 +191,23 @@ def stream_encoding(config: Config, table, key_maker: KeyMaker):
 
 def build_service(config: Config, reactor, environ=None) -> EstatService:
     """
-    Wire the pipeline for C{config} on C{reactor}.
+    Wire the pipeline for C{config} on C{reactor}: where objects go
+    (L{_storage}), the C{/collect} stream and its rules (L{_collect_stream},
+    L{_collect_core}), the Segment stream, the tracking plan's bad rows, the
+    acknowledgement mode, the HTTP listener (L{_http}) and the service that
+    orders start-up and shutdown.
     """
     environ = os.environ if environ is None else environ
     metrics = Metrics(CollectorRegistry(auto_describe=True))
-    threadpool = reactor.getThreadPool()
-    if config.worker_nice:
-        run_in_thread = partial(deferToThreadPool, reactor, threadpool, _niced,
-                                config.worker_nice)
-    else:
-        run_in_thread = partial(deferToThreadPool, reactor, threadpool)
-
-    if config.raw_bucket:
-        from .store.s3 import S3Store
-
-        store = S3Store.from_config(config, reactor=reactor, run_in_thread=run_in_thread,
-                                    environ=environ)
-    else:
-        store = LocalDirectoryStore(root=config.local_store_dir, run_in_thread=run_in_thread)
-
-    dead_letters = DiskDeadLetterQueue(
-        directory=config.dlq_dir,
-        metrics=metrics,
-        clock=reactor,
-        run_in_thread=run_in_thread,
-        max_age=config.dlq_max_age,
-        max_bytes=config.dlq_max_size_bytes,
-        interval=config.dlq_retry_interval,
-        max_backoff=max(60.0, config.dlq_retry_interval),
-    )
-    uploader = Uploader(
-        store=store,
-        dead_letters=dead_letters,
-        metrics=metrics,
-        clock=reactor,
-        run_in_thread=run_in_thread,
-        retries=config.s3_app_retries,
-        gzip_level=config.gzip_level,
-    )
-    dead_letters.deliver = lambda obj: Deferred.fromCoroutine(uploader.put_with_retries(obj, 0))
-    uploader.on_stored = dead_letters.store_is_back
-
-    queue = EventQueue(config.channel_size, call_soon=lambda f: reactor.callLater(0, f))
-    metrics.event_queue_capacity.set(config.channel_size)
-    metrics.event_queue_depth.set_function(lambda: len(queue))
+    run_in_thread = _run_in_thread(config, reactor)
+    store, dead_letters, uploader = _storage(config, reactor, metrics, run_in_thread, environ)
 
     instance = sanitize(config.instance_id) if config.instance_id else default_instance_id(environ)
     collect_table, segment_table = _tables(config)
-    key_maker = KeyMaker(config.raw_prefix, config.dlq_prefix, instance)
-    encoder, partitioner = stream_encoding(config, collect_table, key_maker)
-    uploader.encoder = encoder
-    batcher = Batcher(
-        queue=queue,
-        sink=uploader.upload,
-        key_maker=key_maker,
-        metrics=metrics,
-        clock=reactor,
-        batch_size=config.batch_size,
-        flush_interval=config.flush_interval,
-        max_pending=config.max_pending_batches,
-        partitioner=partitioner,
-        stream="collect",
-    )
-
-    keys = config.write_keys
-    if config.write_keys_file:
-        keys = keys + read_keys_file(config.write_keys_file)
-    limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
-                    events_per_request=config.max_events_per_request)
+    queue, batcher = _collect_stream(config, reactor, metrics, uploader, instance,
+                                     collect_table)
+    core = _collect_core(config, reactor, metrics, queue)
     readiness = Readiness(ready=False)
-    # One window of recently admitted messageIds for /collect and the
-    # Segment routes (namespaced), so DEDUP_MAX_IDS bounds both.
-    dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
-                        on_evicted_early=metrics.dedup_ids_evicted_early.inc)
-    metrics.dedup_ids.set_function(lambda: len(dedup))
-    core = IngestCore(
-        admission=QueueAdmission(queue, retry_after=1),
-        metrics=metrics,
-        clock=reactor,
-        client_addresses=ClientAddressResolver(config.trusted_proxies,
-                                               anonymize=config.ip_anonymize),
-        limits=limits,
-        write_keys=WriteKeys(keys),
-        cors=CorsPolicy(config.cors_allowed_origins),
-        dedup=dedup,
-        record_source=config.output_format == "parquet" or "source" in config.partition_by,
-    )
     segment_queue, segment_batcher, segment = _segment_stream(
         config, reactor, metrics, core, uploader, instance, segment_table)
     streams = [(segment_queue, segment_batcher)]
@@ -311,41 +242,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         def settle() -> Deferred:
             return gatherResults([first_settle()] + [b.drain() for _, b in streams])
 
-    def too_large() -> None:
-        metrics.http_requests.inc()
-        metrics.http_requests_rejected.labels("too_large").inc()
-        metrics.events_rejected.labels("too_large").inc()
-
-    def timed_out() -> None:
-        metrics.http_requests_rejected.labels("request_timeout").inc()
-
-    def refused() -> None:
-        metrics.http_connections_refused.inc()
-
-    def protocol_error(reason: str) -> None:
-        metrics.http_requests_rejected.labels(reason).inc()
-
-    site = FastHTTPFactory(
-        routes={b"/collect": core.collect, **segment.routes()},
-        resource=api.resource(),
-        clock=reactor,
-        max_body_size=limits.request_size,
-        idle_timeout=config.http_idle_timeout,
-        request_timeout=config.request_timeout,
-        max_connections=config.max_connections,
-        on_too_large=too_large,
-        on_timeout=timed_out,
-        on_refused=refused,
-        on_protocol_error=protocol_error,
-    )
-    metrics.http_connections_open.set_function(lambda: len(site.channels))
-    http = HTTPListenerService(
-        endpoint=server_endpoint(reactor, with_backlog(config.http_addr)),
-        site=site,
-        clock=reactor,
-        grace=min(5.0, config.shutdown_timeout / 4),
-        settle=settle,
-    )
+    site, http = _http(config, reactor, metrics, {b"/collect": core.collect, **segment.routes()},
+                       api, core.limits, settle)
     service = EstatService(
         http=http,
         batcher=batcher,
@@ -375,6 +273,158 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
     service.core = core
     service.site = site
     return service
+
+
+def _run_in_thread(config: Config, reactor):
+    """
+    C{f, *args -> Deferred} in the reactor's thread pool, at C{WORKER_NICE}.
+    """
+    threadpool = reactor.getThreadPool()
+    if config.worker_nice:
+        return partial(deferToThreadPool, reactor, threadpool, _niced, config.worker_nice)
+    return partial(deferToThreadPool, reactor, threadpool)
+
+
+def _storage(config: Config, reactor, metrics: Metrics, run_in_thread, environ):
+    """
+    C{(store, dead_letters, uploader)}: the object store (S3 when
+    C{RAW_BUCKET} is set, else the local directory), the disk dead-letter
+    queue, and the uploader between them.
+    """
+    if config.raw_bucket:
+        from .store.s3 import S3Store
+
+        store = S3Store.from_config(config, reactor=reactor, run_in_thread=run_in_thread,
+                                    environ=environ)
+    else:
+        store = LocalDirectoryStore(root=config.local_store_dir, run_in_thread=run_in_thread)
+
+    dead_letters = DiskDeadLetterQueue(
+        directory=config.dlq_dir,
+        metrics=metrics,
+        clock=reactor,
+        run_in_thread=run_in_thread,
+        max_age=config.dlq_max_age,
+        max_bytes=config.dlq_max_size_bytes,
+        interval=config.dlq_retry_interval,
+        max_backoff=max(60.0, config.dlq_retry_interval),
+    )
+    uploader = Uploader(
+        store=store,
+        dead_letters=dead_letters,
+        metrics=metrics,
+        clock=reactor,
+        run_in_thread=run_in_thread,
+        retries=config.s3_app_retries,
+        gzip_level=config.gzip_level,
+    )
+    dead_letters.deliver = lambda obj: Deferred.fromCoroutine(uploader.put_with_retries(obj, 0))
+    uploader.on_stored = dead_letters.store_is_back
+    return store, dead_letters, uploader
+
+
+def _collect_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
+                    instance: str, table):
+    """
+    C{(queue, batcher)} of C{/collect}: the bounded queue (C{CHANNEL_SIZE})
+    and the batcher that seals it into objects under C{RAW_PREFIX}, encoded
+    by C{OUTPUT_FORMAT} (the uploader's default encoder).
+    """
+    queue = EventQueue(config.channel_size, call_soon=lambda f: reactor.callLater(0, f))
+    metrics.event_queue_capacity.set(config.channel_size)
+    metrics.event_queue_depth.set_function(lambda: len(queue))
+    key_maker = KeyMaker(config.raw_prefix, config.dlq_prefix, instance)
+    encoder, partitioner = stream_encoding(config, table, key_maker)
+    uploader.encoder = encoder
+    batcher = Batcher(
+        queue=queue,
+        sink=uploader.upload,
+        key_maker=key_maker,
+        metrics=metrics,
+        clock=reactor,
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_pending=config.max_pending_batches,
+        partitioner=partitioner,
+        stream="collect",
+    )
+    return queue, batcher
+
+
+def _collect_core(config: Config, reactor, metrics: Metrics, queue: EventQueue) -> IngestCore:
+    """
+    C{/collect}'s rules: write keys (C{WRITE_KEYS}, C{WRITE_KEYS_FILE}),
+    limits, CORS, client addresses, and the dedup window the Segment
+    routes share.
+    """
+    keys = config.write_keys
+    if config.write_keys_file:
+        keys = keys + read_keys_file(config.write_keys_file)
+    limits = Limits(event_size=config.max_body_size, body_size=config.max_batch_body_size,
+                    events_per_request=config.max_events_per_request)
+    # One window of recently admitted messageIds for /collect and the
+    # Segment routes (namespaced), so DEDUP_MAX_IDS bounds both.
+    dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
+                        on_evicted_early=metrics.dedup_ids_evicted_early.inc)
+    metrics.dedup_ids.set_function(lambda: len(dedup))
+    return IngestCore(
+        admission=QueueAdmission(queue, retry_after=1),
+        metrics=metrics,
+        clock=reactor,
+        client_addresses=ClientAddressResolver(config.trusted_proxies,
+                                               anonymize=config.ip_anonymize),
+        limits=limits,
+        write_keys=WriteKeys(keys),
+        cors=CorsPolicy(config.cors_allowed_origins),
+        dedup=dedup,
+        record_source=config.output_format == "parquet" or "source" in config.partition_by,
+    )
+
+
+def _http(config: Config, reactor, metrics: Metrics, routes: dict, api: IngestAPI,
+          limits: Limits, settle):
+    """
+    C{(site, http)}: the httptools protocol's factory over C{routes} (the
+    ingest handlers) and C{api}'s Klein resource for the rest, and the
+    listener service on C{HTTP_ADDR}.
+    """
+
+    def too_large() -> None:
+        metrics.http_requests.inc()
+        metrics.http_requests_rejected.labels("too_large").inc()
+        metrics.events_rejected.labels("too_large").inc()
+
+    def timed_out() -> None:
+        metrics.http_requests_rejected.labels("request_timeout").inc()
+
+    def refused() -> None:
+        metrics.http_connections_refused.inc()
+
+    def protocol_error(reason: str) -> None:
+        metrics.http_requests_rejected.labels(reason).inc()
+
+    site = FastHTTPFactory(
+        routes=routes,
+        resource=api.resource(),
+        clock=reactor,
+        max_body_size=limits.request_size,
+        idle_timeout=config.http_idle_timeout,
+        request_timeout=config.request_timeout,
+        max_connections=config.max_connections,
+        on_too_large=too_large,
+        on_timeout=timed_out,
+        on_refused=refused,
+        on_protocol_error=protocol_error,
+    )
+    metrics.http_connections_open.set_function(lambda: len(site.channels))
+    http = HTTPListenerService(
+        endpoint=server_endpoint(reactor, with_backlog(config.http_addr)),
+        site=site,
+        clock=reactor,
+        grace=min(5.0, config.shutdown_timeout / 4),
+        settle=settle,
+    )
+    return site, http
 
 
 def _segment_stream(config: Config, reactor, metrics: Metrics, core: IngestCore,
