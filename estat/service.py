@@ -34,8 +34,6 @@ from twisted.logger import Logger
 
 from .batcher import Batcher
 from .dlq import DiskDeadLetterQueue
-from .http.routes import Readiness
-from .http.site import HTTPListenerService
 from .interfaces import IObjectStore
 from .metrics import Metrics
 from .queue import EventQueue
@@ -52,11 +50,23 @@ def hurry_delay(shutdown_timeout: float) -> float:
     return max(shutdown_timeout * 0.7, shutdown_timeout - 3.0)
 
 
+@attr.s
+class Readiness:
+    """
+    Whether the process wants traffic: false once shutdown has begun
+    (C{/readyz} answers from it).
+    """
+
+    ready: bool = attr.ib(default=True)
+
+
 @attr.s(eq=False)
 class EstatService(MultiService):
     log = Logger()
 
-    http: HTTPListenerService = attr.ib()
+    #: the HTTP listener (L{estat.http.site.HTTPListenerService}): a child
+    #: service, stopped first.
+    http: Service = attr.ib()
     batcher: Batcher = attr.ib()
     uploader: Uploader = attr.ib()
     dead_letters: DiskDeadLetterQueue = attr.ib()

@@ -23,7 +23,7 @@ from .dedup import DedupWindow
 from .dlq import DiskDeadLetterQueue
 from .event import ClientAddressResolver
 from .ingest.access import CorsPolicy, WriteKeys, read_keys_file
-from .http.routes import IngestAPI, Readiness
+from .http.routes import IngestAPI
 from .ingest.body import Limits
 from .http.protocol import FastHTTPFactory
 from .ingest.segment_api import SegmentAPI
@@ -34,7 +34,7 @@ from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
 from .queue import EventQueue
 from .ingest.segment_rules import SegmentLimits
-from .service import EstatService
+from .service import EstatService, Readiness
 from .store.local import LocalDirectoryStore
 from .uploader import Uploader
 

@@ -20,20 +20,12 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..ingest.core import Answer, IngestCore, IngestRequest
 from ..metrics import CONTENT_TYPE_LATEST, Metrics
+from ..service import Readiness
 from .openapi import openapi_document
 
-__all__ = ["IngestAPI", "Readiness"]
+__all__ = ["IngestAPI"]
 
 _JSON = b"application/json"
-
-
-@attr.s(slots=True)
-class Readiness:
-    """
-    Whether the process wants traffic: false once shutdown has begun.
-    """
-
-    ready: bool = attr.ib(default=True)
 
 
 def _error(request, code: int, message: str, **extra) -> bytes:

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from estat.event import ClientAddressResolver
 from estat.ingest.core import IngestCore, QueueAdmission
-from estat.http.routes import IngestAPI, Readiness
+from estat.http.routes import IngestAPI
+from estat.service import Readiness
 from estat.metrics import SEED_METRIC_NAMES, Metrics
 from estat.queue import EventQueue
 

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from estat.batcher import Batcher
 from estat.dlq import SUFFIX, DiskDeadLetterQueue, read_dlq_file
 from estat.encoder import encode_object
-from estat.http.routes import Readiness
+from estat.service import Readiness
 from estat.interfaces import StoreError
 from estat.keys import KeyMaker
 from estat.metrics import Metrics

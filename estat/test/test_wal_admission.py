@@ -431,7 +431,7 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
         with a final checkpoint.
         """
         from estat.dlq import DiskDeadLetterQueue
-        from estat.http.routes import Readiness
+        from estat.service import Readiness
         from estat.service import EstatService
         from estat.test.test_service import StubListener
 
