@@ -15,11 +15,18 @@ by:
    per partition value (decoded), typed columns, misfits in C{_extra};
  - C{pyarrow.dataset}: every file has exactly the stream's Arrow schema;
  - Spark in local mode, with the DDL C{estat-tables --engine spark}
-   prints: C{count(*)}, a group-by on a typed column, filters on the
-   partition key.  Spark decodes a percent-encoded partition value one
-   byte per character (ISO-8859-1), not as UTF-8: C{東京} reads as
-   C{æ\\x9d±äº¬}; the test asserts exactly that and the
-   C{decode(encode(event, 'ISO-8859-1'), 'UTF-8')} that undoes it.
+   prints (a table C{<name>_files} over the files and the view C{<name>}):
+   through the view, C{count(*)}, a group-by on a typed column, filters on
+   the partition keys, each as sent.  Spark decodes a percent-encoded
+   partition value one byte per character (ISO-8859-1), not as UTF-8:
+   C{東京} reads as C{æ\\x9d±äº¬} in C{<name>_files}, and the view's
+   C{decode(encode(event, 'ISO-8859-1'), 'UTF-8')} gives back C{東京}.
+   EXPLAIN shows which partitions a filter reads: those on C{dt}, C{hour}
+   and the decoded C{event} through the view are pruned.  Every byte of a
+   partition value, 0x00-0xFF, reads back exactly through C{encode(...,
+   'ISO-8859-1')}; a client's own value C{__HIVE_DEFAULT_PARTITION__}
+   (stored as C{%5F_HIVE_DEFAULT_PARTITION__}) is one partition with the
+   null one to Spark, which reads only one of the two.
 
 Everything listens on and talks to 127.0.0.1.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -350,14 +358,19 @@ def _statements(sql: str) -> list:
 
 def test_spark(spark, stored):
     """
-    The printed Spark DDL, run as printed, then a count, a group-by on a
-    typed column and filters on the partition key, each as sent.
+    The printed Spark DDL, run as printed; then, through the view, a
+    count, a group-by on a typed column and filters on the partition keys,
+    each as sent.
     """
     statements = _statements(stored.spark_sql)
-    assert statements[0].startswith("CREATE TABLE") and statements[-1].startswith("MSCK REPAIR")
+    assert [s.split("\n")[0].split(" (")[0] for s in statements] == [
+        f"CREATE TABLE IF NOT EXISTS `events_{stored.name}_files`",
+        f"MSCK REPAIR TABLE `events_{stored.name}_files`",
+        f"CREATE OR REPLACE VIEW `events_{stored.name}` AS"], statements
     for statement in statements:
         spark.sql(statement)
     table = "events_" + stored.name
+    files = table + "_files"
     sent = stored.events
 
     def one(sql):
@@ -374,15 +387,141 @@ def test_spark(spark, stored):
             if r[0] in ("count", "ok", "at", "tags", "event", "dt", "hour")} == {
         "count": "bigint", "ok": "boolean", "at": "timestamp", "tags": "array<string>",
         "event": "string", "dt": "date", "hour": "int"}
+    # The view has every column of the table over the files, in order, of
+    # the same type.
+    assert spark.table(table).schema == spark.table(files).schema
     sent_values = collections.Counter(partition_value(e) for e in sent)
-    assert one(f"SELECT count(*) FROM {table} WHERE event = 'a/b c'") == sent_values["a/b c"]
-    assert one(f"SELECT count(*) FROM {table} WHERE event = 'page view'") \
-        == sent_values["page view"]
+    # Through the view, every value is as sent, the non-ASCII one too.
+    values = dict(spark.sql(f"SELECT event, count(*) FROM {table} GROUP BY event").collect())
+    assert values == dict(sent_values), values
+    for value in VALUES:
+        assert one(f"SELECT count(*) FROM {table} WHERE event = '{value}'") \
+            == sent_values[value], value
     assert one(f"SELECT count(*) FROM {table} WHERE event IS NULL") == sent_values[None]
-    # Spark turns each %XX of a partition value into one character: UTF-8
-    # bytes come back as ISO-8859-1 text.  This pins what it does.
-    values = {r[0] for r in spark.sql(f"SELECT DISTINCT event FROM {table}").collect()}
-    assert values == {"page view", "a/b c", "signup", None, TOKYO_AS_SPARK_READS_IT}, values
-    assert one(f"SELECT count(*) FROM {table} WHERE event = '東京'") == 0
-    assert one(f"SELECT count(*) FROM {table} "
-               "WHERE decode(encode(event, 'ISO-8859-1'), 'UTF-8') = '東京'") == sent_values["東京"]
+    # The raw table holds what Spark itself reads: each %XX one character.
+    raw = {r[0] for r in spark.sql(f"SELECT DISTINCT event FROM {files}").collect()}
+    assert raw == {"page view", "a/b c", "signup", None, TOKYO_AS_SPARK_READS_IT}, raw
+    assert one(f"SELECT count(*) FROM {files} WHERE event = '東京'") == 0
+
+    # Which partitions a filter reads, as Spark's EXPLAIN says: the view's
+    # filters on dt, hour and the decoded event prune as the raw table's do.
+    partitions = {tuple(r) for r in
+                  spark.sql(f"SELECT DISTINCT event, dt, hour FROM {files}").collect()}
+    dt, hour = next(iter(partitions))[1:]
+    in_hour = [p for p in partitions if p[1:] == (dt, hour)]
+    tokyo = [p for p in partitions if p[0] == TOKYO_AS_SPARK_READS_IT]
+    where_hour = f"dt = DATE'{dt}' AND hour = {hour}"
+    assert one(f"SELECT count(*) FROM {table} WHERE {where_hour}") == one(
+        f"SELECT count(*) FROM {files} WHERE {where_hour}") > 0
+    assert one(f"SELECT count(*) FROM {table} WHERE dt < DATE'2000-01-01'") == 0
+    assert one(f"SELECT count(*) FROM {table} WHERE {where_hour} AND event = '東京'") \
+        == one(f"SELECT count(*) FROM {files} WHERE {where_hour} "
+               f"AND event = '{TOKYO_AS_SPARK_READS_IT}'")
+    assert _scan(spark, f"SELECT count(*) FROM {files}") == ("CatalogFileIndex", "1", "")
+    assert _scan(spark, f"SELECT count(*) FROM {table} WHERE {where_hour}")[:2] \
+        == ("InMemoryFileIndex", str(len(in_hour)))
+    assert _scan(spark, f"SELECT count(*) FROM {table} WHERE dt < DATE'2000-01-01'")[:2] \
+        == ("InMemoryFileIndex", "0")
+    scan = _scan(spark, f"SELECT count(*) FROM {table} WHERE event = '東京'")
+    assert scan[:2] == ("InMemoryFileIndex", str(len(tokyo))), scan
+    assert "StringDecode.decode(" in scan[2], scan
+    scan = _scan(spark, f"SELECT count(*) FROM {files} WHERE event = 'signup'")
+    assert scan == ("InMemoryFileIndex", str(len([p for p in partitions if p[0] == "signup"])),
+                    "isnotnull(event#), (event# = signup)"), scan
+
+
+_SCAN = re.compile(r"FileScan .* Location: (\w+)\((\d+) paths\).*, PartitionFilters: \[(.*?)\]?, "
+                   r"PushedFilters")
+
+
+def _scan(spark, sql: str) -> tuple:
+    """
+    The file index of the one file scan of C{sql}'s plan, how many paths
+    it reads (the table's root, unpruned, or one per partition selected)
+    and its partition filters (expression ids dropped).
+    """
+    plan = spark.sql("EXPLAIN " + sql).collect()[0][0]
+    scans = _SCAN.findall(plan)
+    assert len(scans) == 1, plan
+    index, paths, filters = scans[0]
+    return index, paths, re.sub(r"#\d+", "#", filters)
+
+
+def test_spark_partition_value_bytes(spark):
+    """
+    Spark reads each %XX of a partition value as the character U+00XX;
+    encode(..., 'ISO-8859-1') gives back exactly the bytes of the path, for
+    every byte 0x80-0xFF and every ASCII one, and the view gives back each
+    value the server encodes (ASCII, '%', non-ASCII) as it was sent.
+    """
+    from urllib.parse import unquote_to_bytes
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from estat.config import Config
+    from estat.pipeline.partitions import DEFAULT, encode_value
+    from estat.tables_tool import layout_of, render
+
+    directory = tempfile.mkdtemp(prefix="estat-spark-bytes-")
+    try:
+        schema = os.path.join(directory, "schema.json")
+        with open(schema, "w") as f:
+            json.dump({"type": "object", "properties": {"event": {"type": "string"}}}, f)
+        sent = ["".join(map(chr, range(n, n + 32))) for n in range(0, 128, 32)] + [
+            "page view", "a/b c", "50% off", "%25", "100%", "%", "東京", "é", "\U0001f600",
+            "..", "__HIVE_DEFAULT_PARTITION__", None]
+        raw_bytes = [bytes(range(n, n + 32)) for n in range(0x80, 0x100, 32)]
+        names = [encode_value(v) for v in sent] + [
+            "".join(f"%{b:02X}" for b in chunk) for chunk in raw_bytes]
+        assert len(set(names)) == len(names) and names[len(sent) - 1] == DEFAULT
+        for name in names:
+            path = os.path.join(directory, "raw", f"event={name}", "dt=2026-12-06", "hour=10")
+            os.makedirs(path)
+            pq.write_table(pa.table({"_extra": [json.dumps(name)]}),
+                           os.path.join(path, "0.parquet"))
+        config = Config.defaults(collect_schema=schema, partition_by=("event",),
+                                 output_format="parquet")
+        sql = render(layout_of(config, "collect", location=f"file://{directory}/raw/",
+                               name="bytes"), "spark")
+        for statement in _statements(sql):
+            spark.sql(statement)
+        # _extra holds the directory name: what each partition value came from.
+        rows = spark.sql("SELECT _extra, event, hex(encode(event, 'ISO-8859-1')) "
+                         "FROM bytes_files").collect()
+        # Spark unescapes event=%5F_HIVE_DEFAULT_PARTITION__ (a client's own
+        # value) to the name it reads as null: the two directories are one
+        # partition to its catalog, and only one of them is read.
+        literal = encode_value("__HIVE_DEFAULT_PARTITION__")
+        read = {json.loads(extra): (value, hexed) for extra, value, hexed in rows}
+        assert len(rows) == len(names) - 1
+        assert set(names) - set(read) in ({DEFAULT}, {literal})
+        assert read.get(DEFAULT, read.get(literal)) == (None, None)
+        for name, (value, hexed) in read.items():
+            if name in (DEFAULT, literal):
+                continue
+            assert all(ord(c) < 0x100 for c in value), (name, value)
+            assert bytes.fromhex(hexed) == unquote_to_bytes(name), (name, value, hexed)
+        assert {name for name in read if name not in (DEFAULT, literal)} \
+            == set(names) - {DEFAULT, literal}
+        # Through the view, each value the server can store is as it was sent.
+        valid = [n for n in names[:len(sent)] if n not in (DEFAULT, literal)]
+        decoded = dict(spark.sql(
+            "SELECT _extra, event FROM bytes WHERE _extra IN ("
+            + ", ".join(f"'{json.dumps(n)}'" for n in valid) + ")").collect())
+        assert {json.loads(k): v for k, v in decoded.items()} \
+            == {encode_value(v): v for v in sent if encode_value(v) in valid}
+        # A table under the view's name (an earlier estat-tables made one)
+        # must be dropped first; dropping a table with a LOCATION leaves
+        # its files.
+        spark.sql("DROP VIEW bytes")
+        spark.sql(f"CREATE TABLE bytes (x INT) USING parquet LOCATION 'file://{directory}/old/'")
+        with pytest.raises(Exception, match="EXPECT_VIEW_NOT_TABLE"):
+            spark.sql(_statements(sql)[-1])
+        spark.sql("DROP TABLE bytes")
+        spark.sql("DROP TABLE bytes_files")
+        assert all(os.path.isfile(os.path.join(directory, "raw", f"event={name}",
+                                               "dt=2026-12-06", "hour=10", "0.parquet"))
+                   for name in names)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

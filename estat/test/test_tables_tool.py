@@ -329,14 +329,31 @@ class SparkTests(SynchronousTestCase):
         config.setdefault("output_format", "parquet")
         return layout_of(Config.defaults(**config), "collect", location="file:///data/raw")
 
+    def view(self, text: str) -> tuple:
+        """
+        The view's name, its select list and the table it reads.
+        """
+        code = _code(text)
+        view = code[code.index("CREATE OR REPLACE VIEW "):]
+        head, rest = view.split(" AS\nSELECT\n", 1)
+        selected, source = rest.rsplit("\nFROM ", 1)
+        self.assertTrue(code.endswith(";") and source.endswith(";"), code)
+        return (head[len("CREATE OR REPLACE VIEW "):], selected.split(",\n"),
+                source[:-1])
+
     def test_parquet(self):
         text = render(self.layout(), "spark")
         self.assertEqual(_columns(text, "CREATE TABLE"),
                          SPARK_COLUMNS + [("_extra", "STRING"), ("dt", "DATE"), ("hour", "INT")])
         code = _code(text)
+        self.assertIn("CREATE TABLE IF NOT EXISTS `estat_collect_files` (\n", code)
         self.assertIn("\nUSING parquet\nPARTITIONED BY (`dt`, `hour`)\n"
-                      "LOCATION 'file:///data/raw/';\n", code + "\n")
-        self.assertTrue(code.endswith("MSCK REPAIR TABLE `estat_collect`;"), code)
+                      "LOCATION 'file:///data/raw/';\nMSCK REPAIR TABLE `estat_collect_files`;\n"
+                      "CREATE OR REPLACE VIEW", code)
+        # No key to decode: the view is every column as it is.
+        name, selected, source = self.view(text)
+        self.assertEqual((name, source), ("`estat_collect`", "`estat_collect_files`"))
+        self.assertEqual(selected, [f"  `{n}`" for n, _ in _columns(text, "CREATE TABLE")])
 
     def test_partition_named_like_a_column(self):
         text = render(self.layout(partition_by=("event",), output_format="jsonl"), "spark")
@@ -345,14 +362,33 @@ class SparkTests(SynchronousTestCase):
         self.assertEqual(columns[-3:], [("event", "STRING"), ("dt", "DATE"), ("hour", "INT")])
         self.assertEqual(columns[:-3], SPARK_COLUMNS[1:])
         self.assertIn("USING json\nPARTITIONED BY (`event`, `dt`, `hour`)", text)
-        self.assertIn("decode(encode(event, 'ISO-8859-1'), 'UTF-8')", text)
+        # The view decodes the key as UTF-8; dt and hour stay as they are.
+        _, selected, _ = self.view(text)
+        self.assertEqual(selected, [f"  `{n}`" for n, _ in columns[:-3]] + [
+            "  decode(encode(`event`, 'ISO-8859-1'), 'UTF-8') AS `event`", "  `dt`", "  `hour`"])
+
+    def test_two_keys(self):
+        text = render(self.layout(partition_by=("event", "userId")), "spark")
+        columns = _columns(text, "CREATE TABLE")
+        self.assertEqual(columns[-4:], [("event", "STRING"), ("userId", "STRING"),
+                                        ("dt", "DATE"), ("hour", "INT")])
+        self.assertIn("PARTITIONED BY (`event`, `userId`, `dt`, `hour`)", text)
+        _, selected, _ = self.view(text)
+        self.assertEqual(selected[-4:], [
+            "  decode(encode(`event`, 'ISO-8859-1'), 'UTF-8') AS `event`",
+            "  decode(encode(`userId`, 'ISO-8859-1'), 'UTF-8') AS `userId`",
+            "  `dt`", "  `hour`"])
+        self.assertEqual(selected[:-4], [f"  `{n}`" for n, _ in columns[:-4]])
+        self.assertIn("event, userId here are the value as sent", text.replace("\n--   ", " "))
 
     def test_database(self):
         layout = layout_of(Config.defaults(), "segment", location="s3://b/segment/",
                            name="tracks", database="analytics")
         text = render(layout, "spark")
-        self.assertIn("CREATE TABLE IF NOT EXISTS `analytics`.`tracks` (", text)
-        self.assertIn("MSCK REPAIR TABLE `analytics`.`tracks`;", text)
+        self.assertIn("CREATE TABLE IF NOT EXISTS `analytics`.`tracks_files` (", text)
+        self.assertIn("MSCK REPAIR TABLE `analytics`.`tracks_files`;", text)
+        name, _, source = self.view(text)
+        self.assertEqual((name, source), ("`analytics`.`tracks`", "`analytics`.`tracks_files`"))
 
 
 def _event(n: int, **fields) -> dict:
