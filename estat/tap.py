@@ -424,12 +424,10 @@ def _bad_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
     the declared columns, by definition), the same uploader and
     dead-letter queue.
     """
-    from .encode.jsonl import JsonlEncoder
-
     queue = EventQueue(config.channel_size)
     prefix = f"{config.bad_prefix}/{stream}"
     key_maker = KeyMaker(prefix, f"{config.dlq_prefix}/{prefix}", instance)
-    encoder = JsonlEncoder(config.gzip_level, "bad_" + stream)
+    encoder = bad_encoding(config, stream, key_maker)
     batcher = Batcher(
         queue=queue,
         sink=uploader.sink_for(encoder),
@@ -442,6 +440,19 @@ def _bad_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
         stream="bad_" + stream,
     )
     return queue, batcher
+
+
+def bad_encoding(config: Config, stream: str, key_maker: KeyMaker, partitioned: bool = True):
+    """
+    The encoder of C{stream}'s bad rows: gzip JSON Lines whatever
+    C{OUTPUT_FORMAT} (a bad row's event does not fit the declared columns,
+    by definition).  C{estat-badrows resubmit} uses it too.
+    """
+    from .encode.jsonl import JsonlEncoder
+
+    encoder = JsonlEncoder(config.gzip_level, "bad_" + stream)
+    key_maker.suffix = encoder.suffix
+    return encoder
 
 
 def _stream_ack_mode(config: Config, wal, stream: str, queue: EventQueue, batcher: Batcher,
