@@ -300,8 +300,8 @@ def build_streams(config) -> tuple:
         encoder, _ = stream_encoding(config, table, key_maker)
         bad_prefix = f"{config.bad_prefix}/{stream}"
         bad_keys = KeyMaker(bad_prefix, f"{config.dlq_prefix}/{bad_prefix}", "resubmit")
-        streams[stream] = (prefix, encoder, key_maker, bad_encoding(config, stream, bad_keys,
-                                                                     partitioned=False))
+        bad_encoder, _ = bad_encoding(config, stream, bad_keys, partitioned=False)
+        streams[stream] = (prefix, encoder, key_maker, bad_encoder)
     return plan, streams
 
 

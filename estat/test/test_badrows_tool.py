@@ -233,3 +233,23 @@ class BrowserTests(SynchronousTestCase):
     def test_read_bad_object(self) -> None:
         body = gzip.compress(b'{"a":%d}\n' % 2 ** 70)
         self.assertEqual(read_bad_object("x.jsonl.gz", body), [{"a": 2 ** 70}])
+
+
+class ParquetListTests(SynchronousTestCase):
+    def test_list_reads_parquet_bad_rows(self) -> None:
+        from estat.encode.badrows import BadRowEncoder
+        from estat.encoder import Batch
+
+        store = self.mktemp()
+        path = os.path.join(store, "bad", "collect", "event=a", "dt=2026-12-01", "hour=08")
+        os.makedirs(path)
+        rows = [bad_line({"n": i}) for i in range(2)]
+        body = BadRowEncoder("collect").encode(Batch(
+            key="k.parquet", poison_key="p", first_event_at=0.0, sealed_at=0.0,
+            events=[(0.0, orjson.dumps(r)) for r in rows]))[0].body
+        with open(os.path.join(path, "x.parquet"), "wb") as f:
+            f.write(body)
+        out = io.StringIO()
+        self.assertEqual(main(["list", store], out=out), 0)
+        self.assertEqual(out.getvalue().splitlines(), [
+            "collect event.json: 2 events", "         2  required             (the event)"])

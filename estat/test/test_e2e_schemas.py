@@ -364,3 +364,67 @@ def test_resubmit_after_the_plan_is_fixed_stores_each_event_once(tmp_path):
         assert moto.objects("") == before
     finally:
         moto.stop()
+
+
+def test_bad_rows_follow_partitions_and_parquet(tmp_path):
+    """
+    OUTPUT_FORMAT=parquet and PARTITION_BY: bad rows are Parquet files of
+    the bad-row table under BAD_PREFIX/collect/<key>=<value>/dt=/hour=,
+    C{estat-badrows list} reads them, and C{resubmit} stores them as good
+    Parquet under the same partitions.
+    """
+    import subprocess
+    import sys
+
+    from estat.encode.parquet import read_events
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "columns.json").write_text(json.dumps(
+        {"type": "object", "properties": {"event": {"type": "string"},
+                                          "price": {"type": "number"}}}))
+    (plan_dir / "event.json").write_text(json.dumps(STRICT))
+    (plan_dir / "plan.yaml").write_text(
+        "collect: {columns: columns.json, mode: quarantine, default: event.json}\n")
+    env = {"SCHEMAS": str(plan_dir / "plan.yaml"), "OUTPUT_FORMAT": "parquet",
+           "PARTITION_BY": "event", "FLUSH_INTERVAL": "200ms"}
+    estat = EstatProcess(env)
+    try:
+        estat.wait_ready()
+        events = [{"event": "buy", "price": 1}, {"event": "buy", "price": "2"},
+                  {"event": "a/b", "price": "3"}, {"price": "4"}]
+        assert post(estat, events)[0] == 202
+
+        def bad_keys():
+            keys = [os.path.relpath(os.path.join(d, n), estat.store_dir)
+                    for d, _, names in os.walk(estat.store_dir) for n in names
+                    if n.endswith(".parquet")]
+            bad = sorted(k.split("/dt=")[0] for k in keys if k.startswith("bad/"))
+            return bad if len(bad) == 3 and any(k.startswith("raw/") for k in keys) else None
+
+        assert wait_until(bad_keys, 10, 0.1, lambda: "bad rows stored") == [
+            "bad/collect/event=__HIVE_DEFAULT_PARTITION__", "bad/collect/event=a%2Fb",
+            "bad/collect/event=buy"]
+    finally:
+        estat.stop()
+    tool = [sys.executable, "-m", "estat.badrows_tool"]
+    listed = subprocess.run(tool + ["list", estat.store_dir], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert listed.splitlines()[0] == "collect event.json: 3 events", listed
+    (plan_dir / "event.json").write_text(json.dumps(FIXED))
+    tool_env = {k: v for k, v in estat.env.items() if k != "HTTP_ADDR"}
+    tool_env["ENV_FILE"] = "/nonexistent"
+    result = subprocess.run(tool + ["resubmit"], env=tool_env, capture_output=True, text=True,
+                            timeout=120, cwd=estat.directory)
+    assert result.returncode == 0, result.stderr
+    good = {}
+    for d, _, names in os.walk(os.path.join(estat.store_dir, "raw")):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                part = os.path.relpath(d, estat.store_dir).split("/dt=")[0]
+                good.setdefault(part, []).extend(e["price"] for e in read_events(f.read()))
+    assert {k: sorted(v, key=str) for k, v in good.items()} == {
+        "raw/event=buy": [1, "2"], "raw/event=a%2Fb": ["3"],
+        "raw/event=__HIVE_DEFAULT_PARTITION__": ["4"]}
+    assert not [n for _, _, names in os.walk(os.path.join(estat.store_dir, "bad"))
+                for n in names]
