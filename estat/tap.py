@@ -368,8 +368,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         reloader = PlanReloader(path=config.schemas, validation=core.validation,
                                 metrics=metrics, run_in_thread=run_in_thread,
                                 on_signal=partial(_on_sighup, reactor))
-        reloader.setServiceParent(service)
         service.reloader = reloader
+        reloader.setServiceParent(service)
     service.api = api
     service.segment = segment
     service.core = core
