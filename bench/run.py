@@ -18,6 +18,11 @@ Scenarios:
   batch-disk    100 events per POST, ACK_MODE=disk, local store
   half-rate-disk  ACK_MODE=disk at half the memory mode's maximum: p50/p99
   single-stored one event per POST, ACK_MODE=stored, FLUSH_INTERVAL=200ms, local store
+  single-quarantine  one event per POST, a tracking plan in quarantine mode
+                (bench/schemas/bench-plan-event.json, 15 properties), every event valid
+  batch-quarantine   100 events per POST, the same plan, 10 % of the events invalid
+                (a user_id that fails its pattern): stored good + bad counted
+                against accepted
   outage        S3 answers 503 SlowDown for 60 s under steady load
 
 Server CPU is read from /proc/<pid>/stat (user+system), peak RSS from
@@ -98,6 +103,27 @@ request = function()
   return wrk.format(nil, "/collect", nil, "[" .. table.concat(parts, ",") .. "]")
 end
 """
+
+LUA_BATCH_INVALID = LUA_COMMON + r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local parts = {}
+  for i = 1, 100 do
+    local e = event()
+    if i % 10 == 0 then
+      -- fails the plan's user_id pattern (^u-[0-9]+$): quarantined
+      e = string.gsub(e, '"user_id":"u%-', '"user_id":"x-', 1)
+    end
+    parts[i] = e
+  end
+  return wrk.format(nil, "/collect", nil, "[" .. table.concat(parts, ",") .. "]")
+end
+"""
+
+#: The tracking plan of the quarantine scenarios (written to the bench's
+#: temporary directory beside a copy of its schema).
+BENCH_PLAN = "collect: {mode: quarantine, default: {file: bench-plan-event.json}}\n"
 
 LUA_RATE = LUA_SINGLE + r"""
 local interval_ms = tonumber(os.getenv("BENCH_INTERVAL_MS") or "0")
@@ -313,6 +339,42 @@ def drain_and_count(server: Server, store: str, moto: MotoServer | None, prefix:
     return {"objects": objects, "exit": rc, "stored_before_stop": m.get("s3_events_stored_total", 0)}
 
 
+def count_lines(directory: str) -> int:
+    """
+    Events in the gzip JSON Lines objects under C{directory}.
+    """
+    import gzip
+
+    count = 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if name.endswith(".jsonl.gz"):
+                with gzip.open(os.path.join(root, name), "rb") as f:
+                    count += sum(1 for line in f if line.strip())
+    return count
+
+
+def quarantine_notes(medians: dict) -> list:
+    """
+    Issue 18's targets: single-quarantine >= 90 % of single-local's
+    requests/s; batch-quarantine >= 90 % of batch-local's events/s, lost 0.
+    """
+    notes = []
+    for name, base, index, what in (("single-quarantine", "single-local", 0, "requests/s"),
+                                    ("batch-quarantine", "batch-local", 1, "events/s")):
+        if name not in medians:
+            continue
+        line = f"{name}: {medians[name][index]:,.0f} {what}"
+        if base in medians:
+            line += (f", {medians[name][index] / medians[base][index]:.0%} of {base}'s "
+                     f"{medians[base][index]:,.0f} (target >= 90 %)")
+        accepted, good, bad = medians[name + ":stored"]
+        line += (f"; accepted {accepted:,.0f} events, stored {good:,} good + {bad:,} bad, "
+                 f"lost {accepted - good - bad:,.0f}.")
+        notes.append(line)
+    return notes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10)
@@ -340,7 +402,8 @@ def main() -> int:
             return 2
     work = tempfile.mkdtemp(prefix="estat-bench-")
     scripts = {}
-    for name, text in (("single", LUA_SINGLE), ("batch", LUA_BATCH), ("rate", LUA_RATE)):
+    for name, text in (("single", LUA_SINGLE), ("batch", LUA_BATCH), ("rate", LUA_RATE),
+                       ("batch-invalid", LUA_BATCH_INVALID)):
         scripts[name] = os.path.join(work, f"{name}.lua")
         with open(scripts[name], "w") as f:
             f.write(text)
@@ -382,6 +445,14 @@ def main() -> int:
         # >= 95 % of jsonl mode's requests/s and events/s).
         parquet_env = {"OUTPUT_FORMAT": "parquet",
                        "COLLECT_SCHEMA": os.path.join(HERE, "schemas", "bench-event.json")}
+        # Issue 18: a tracking plan in quarantine mode.
+        plan_dir = os.path.join(work, "plan")
+        os.makedirs(plan_dir)
+        shutil.copy(os.path.join(HERE, "schemas", "bench-plan-event.json"), plan_dir)
+        with open(os.path.join(plan_dir, "plan.yaml"), "w") as f:
+            f.write(BENCH_PLAN)
+        plan_env = {"SCHEMAS": os.path.join(plan_dir, "plan.yaml")}
+        medians = {}
         for name, script, per_request, extra in (
             ("single-local", "single", 1, {}),
             ("batch-local", "batch", 100, {}),
@@ -392,6 +463,8 @@ def main() -> int:
             ("single-stored", "single", 1, stored_env),
             ("single-parquet", "single", 1, parquet_env),
             ("batch-parquet", "batch", 100, parquet_env),
+            ("single-quarantine", "single", 1, plan_env),
+            ("batch-quarantine", "batch-invalid", 100, plan_env),
         ):
             if not want(name):
                 continue
@@ -406,11 +479,23 @@ def main() -> int:
                 say(f"   run {i + 1}: {r['rps']:,.0f} req/s, {r['eps']:,.0f} events/s, "
                     f"p99 {r['p99']} ms, 503s {r['rejected']:.0f}")
             rss = peak_rss_mb(server.pid)
+            accepted = server.metrics().get("events_accepted_total", 0)
             result = drain_and_count(server, os.path.join(directory, "store"),
                                      moto if extra is s3_env else None, prefix)
             rows.append((name, runs, rss, result, per_request))
+            medians[name] = (statistics.median(r["rps"] for r in runs),
+                             statistics.median(r["eps"] for r in runs))
+            if extra is plan_env:
+                store = os.path.join(directory, "store")
+                good, bad = count_lines(os.path.join(store, prefix)), \
+                    count_lines(os.path.join(store, "bad"))
+                medians[name + ":stored"] = (accepted, good, bad)
+                say(f"   accepted {accepted:,.0f}; stored {good:,} good + {bad:,} bad; "
+                    f"lost {accepted - good - bad:,.0f}")
             if name == "single-local":
                 single_max = statistics.median(r["rps"] for r in runs)
+
+        notes += quarantine_notes(medians)
 
         for half, extra, label in (("half-rate", {}, "half-rate (single, local)"),
                                    ("half-rate-disk", disk_env,

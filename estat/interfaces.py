@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IEncoder", "IObjectStore", "IDeadLetterQueue", "StoreError"]
+__all__ = ["IEncoder", "IObjectStore", "IObjectBrowser", "IDeadLetterQueue", "StoreError"]
 
 
 class StoreError(Exception):
@@ -56,6 +56,32 @@ class IObjectStore(Interface):
 
         @return: a Deferred firing with C{None}, or failing with
             L{StoreError} naming the problem.
+        """
+
+
+class IObjectBrowser(Interface):
+    """
+    Reading back and removing stored objects: what C{estat-badrows
+    resubmit} needs of a store (the server itself only puts).
+    """
+
+    def keys(prefix):
+        """
+        @return: a Deferred firing with the sorted list of every key that
+            starts with C{prefix}.
+        """
+
+    def get(key):
+        """
+        @return: a Deferred firing with the object's bytes, or failing with
+            L{StoreError} (code C{NoSuchKey} when there is none).
+        """
+
+    def delete(key):
+        """
+        Remove the object under C{key}; removing a missing key succeeds.
+
+        @return: a Deferred firing with C{None}.
         """
 
 

@@ -4,8 +4,9 @@ The Estat service: the pieces of the pipeline started in order and, unlike
 a plain L{MultiService} (which stops its children concurrently), stopped in
 an explicit order so that a SIGTERM loses nothing:
 
- 1. C{/readyz} turns 503 and the dead-letter retry loop stops (its files
-    stay on disk; S3 capacity goes to the live drain);
+ 1. C{/readyz} turns 503, the dead-letter retry loop stops (its files
+    stay on disk; S3 capacity goes to the live drain) and the plan
+    reloader puts the previous C{SIGHUP} handler back;
  2. the HTTP listener closes: no new connection, idle keep-alive
     connections closed, requests in flight finish;
  3. the batcher seals its open batch and everything queued, and waits for
@@ -86,6 +87,10 @@ class EstatService(MultiService):
     #: callables that hand each stream's replay to its batcher.
     wal: object = attr.ib(default=None)
     replays: list = attr.ib(factory=list)
+    #: With a tracking plan: the L{estat.schema.reloader.PlanReloader}
+    #: (started after the listener; stopped first, so its SIGHUP handler
+    #: is put back and no reload runs during the drain).
+    reloader: object = attr.ib(default=None)
 
     def __attrs_post_init__(self) -> None:
         MultiService.__init__(self)
@@ -97,6 +102,8 @@ class EstatService(MultiService):
         for _, batcher in self.streams:
             batcher.setServiceParent(self)
         self.http.setServiceParent(self)
+        if self.reloader is not None:
+            self.reloader.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -150,6 +157,10 @@ class EstatService(MultiService):
         retry_stopped = self.dead_letters.stop_retrying()
         hurry = self.clock.callLater(hurry_delay(self.shutdown_timeout), self._hurry)
         try:
+            if self.reloader is not None:
+                # The SIGHUP handler goes first; a reload in flight is
+                # waited for (it only swaps the plan).
+                await maybeDeferred(self.reloader.stopService)
             await self.http.stopService()
             # Every stream drains at once; the first one's result (or
             # cancellation, at the deadline) comes first.

@@ -4,7 +4,7 @@ C{estat-tables}: the DDL that makes a stream's stored objects a table in a
 query engine.
 
     estat-tables --engine athena|glue|spark|duckdb [--stream collect|segment]
-                 [--location URI] [--table NAME] [--database NAME]
+                 [--bad] [--location URI] [--table NAME] [--database NAME]
 
 It reads the configuration exactly as C{twistd estat} does (options,
 environment, C{.env}) and derives everything from it and from the stream's
@@ -14,6 +14,10 @@ C{SEGMENT_SCHEMA}), the format (C{OUTPUT_FORMAT}), the partition keys
 location (C{RAW_BUCKET}/C{RAW_PREFIX} or C{SEGMENT_PREFIX}, or the local
 directory store).  It never holds a second copy of the columns, and it only
 prints: it never touches the store or the network.
+
+C{--bad} prints the table of the stream's bad rows (quarantined events,
+under C{BAD_PREFIX/<stream>/}): the fixed columns of
+L{estat.schema.badrows}, with the stream's format and partition keys.
 
 Athena and Glue get partition projection (no crawler, no C{MSCK REPAIR});
 Spark gets a path-based partitioned table C{<table>_files}, the C{MSCK
@@ -94,6 +98,10 @@ class TableLayout:
         return self.table.stream
 
     @property
+    def bad(self) -> bool:
+        return self.table.stream.startswith("bad_")
+
+    @property
     def file_columns(self) -> list:
         """
         The columns the stored files hold: every column of the table and
@@ -101,7 +109,7 @@ class TableLayout:
         C{_extra} and no derived copies (Segment's C{context_ip} is
         C{context.ip} there).
         """
-        if self.output_format == "parquet":
+        if self.output_format == "parquet" and not self.bad:
             return list(self.table.columns) + [Column(EXTRA_COLUMN, "json")]
         return [c for c in self.table.columns if not c.derived]
 
@@ -143,13 +151,16 @@ class TableLayout:
         return ".".join(_backtick(n) for n in (self.database, f"{self.name}_files") if n)
 
 
-def default_location(config, stream: str) -> str:
+def default_location(config, stream: str, bad: bool = False) -> str:
     """
-    Where C{stream}'s objects are stored: C{s3://RAW_BUCKET/PREFIX/} with
-    the S3 store, C{file:///absolute/LOCAL_STORE_DIR/PREFIX/} with the local
-    directory store.
+    Where C{stream}'s objects (or, C{bad}, its bad rows) are stored:
+    C{s3://RAW_BUCKET/PREFIX/} with the S3 store,
+    C{file:///absolute/LOCAL_STORE_DIR/PREFIX/} with the local directory
+    store.
     """
     prefix = config.raw_prefix if stream == "collect" else config.segment_prefix
+    if bad:
+        prefix = f"{config.bad_prefix}/{stream}"
     if config.raw_bucket:
         return f"s3://{config.raw_bucket}/{prefix}/"
     root = os.path.abspath(config.local_store_dir).rstrip(os.sep)
@@ -158,7 +169,7 @@ def default_location(config, stream: str) -> str:
 
 def layout_of(config, stream: str = "collect", location: str | None = None,
               name: str | None = None, database: str | None = None,
-              since: str = DEFAULT_SINCE) -> TableLayout:
+              since: str = DEFAULT_SINCE, bad: bool = False) -> TableLayout:
     """
     The L{TableLayout} of C{stream} under C{config} (an
     L{estat.config.Config}), with the tables loaded and the partition keys
@@ -173,16 +184,21 @@ def layout_of(config, stream: str = "collect", location: str | None = None,
     collect, segment = _tables(config)
     table = collect if stream == "collect" else segment
     keys = config.partition_by if stream == "collect" else config.segment_partition_by
+    if bad:
+        from .schema.badrows import bad_row_table
+
+        table = bad_row_table(stream)
     if "source" in keys and any(c.name == "source" for c in table.columns):
         setting = "PARTITION_BY" if stream == "collect" else "SEGMENT_PARTITION_BY"
         raise TablesError(
             f"{setting} has 'source' (the write key's name) and the {stream} schema declares "
             "a column 'source' too: a table cannot hold both under one name")
-    location = location or default_location(config, stream)
+    location = location or default_location(config, stream, bad)
     if not location.endswith("/"):
         location += "/"
+    default_name = f"estat_bad_{stream}" if bad else f"estat_{stream}"
     return TableLayout(table=table, output_format=config.output_format, location=location,
-                       partition_keys=tuple(keys), name=name or f"estat_{stream}",
+                       partition_keys=tuple(keys), name=name or default_name,
                        database=database, since=since)
 
 
@@ -206,6 +222,8 @@ def hive_type(column: Column) -> str:
         return "struct<" + ",".join(f"{_field_name(f.name)}:{hive_type(f)}"
                                     for f in column.fields) + ">"
     if column.kind == "list":
+        if column.item == "struct":
+            return f"array<{hive_type(Column('element', 'struct', fields=column.fields))}>"
         return f"array<{_HIVE_SCALARS[column.item]}>"
     return _HIVE_SCALARS[column.kind]
 
@@ -218,6 +236,8 @@ def spark_type(column: Column) -> str:
         return "STRUCT<" + ", ".join(f"{_backtick(f.name)}: {spark_type(f)}"
                                      for f in column.fields) + ">"
     if column.kind == "list":
+        if column.item == "struct":
+            return f"ARRAY<{spark_type(Column('element', 'struct', fields=column.fields))}>"
         return f"ARRAY<{_HIVE_SCALARS[column.item].upper()}>"
     return _HIVE_SCALARS[column.kind].upper()
 
@@ -234,6 +254,8 @@ def duckdb_type(column: Column) -> str:
         return "STRUCT(" + ", ".join(f"{_duckdb_quote(f.name)} {duckdb_type(f)}"
                                      for f in column.fields) + ")"
     if column.kind == "list":
+        if column.item == "struct":
+            return f"{duckdb_type(Column('element', 'struct', fields=column.fields))}[]"
         return f"{_DUCKDB_SCALARS[column.item]}[]"
     return _DUCKDB_SCALARS[column.kind]
 
@@ -258,6 +280,8 @@ def _comments(notes: list) -> list:
 
 
 def _columns_source(table: Table) -> str:
+    if table.stream.startswith("bad_"):
+        return "the bad-row table (estat/schema/badrows.py)"
     if table.schema_id == "builtin":
         return "the built-in columns (no schema file)"
     return table.schema_id
@@ -292,6 +316,9 @@ def _shadow_notes(layout: TableLayout) -> list:
 def _jsonl_notes(layout: TableLayout) -> list:
     if layout.output_format != "jsonl":
         return []
+    if layout.bad:
+        return ["JSON Lines: each line is one bad row; payload holds the event as sent (a JSON "
+                "object: read it with json_extract or the engine's JSON functions)."]
     notes = ["JSON Lines: each line is the event as sent; undeclared fields are not columns, "
              "and a value that does not fit its declared type reads as null or fails the row."]
     derived = [c.name for c in layout.table.columns if c.derived]
@@ -593,6 +620,8 @@ def main(argv=None, stdout=None, stderr=None, environ=None) -> int:
         prog="estat-tables", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--engine", required=True, choices=ENGINES)
     parser.add_argument("--stream", default="collect", choices=STREAMS)
+    parser.add_argument("--bad", action="store_true",
+                        help="the table of the stream's bad rows (quarantined events)")
     parser.add_argument("--location", default=None,
                         help="where the stream's objects are (default: the configured bucket "
                              "and prefix, or the local store directory)")
@@ -616,7 +645,7 @@ def main(argv=None, stdout=None, stderr=None, environ=None) -> int:
     try:
         config = load_config(options, environ, read_dotenv(env_file))
         layout = layout_of(config, args.stream, args.location, args.table, args.database,
-                           args.since)
+                           args.since, bad=args.bad)
     except (ConfigError, TablesError) as e:
         print(f"estat-tables: {e}", file=stderr)
         return 2

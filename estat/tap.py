@@ -266,8 +266,8 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
         reloader = PlanReloader(path=config.schemas, validation=core.validation,
                                 metrics=metrics, run_in_thread=run_in_thread,
                                 on_signal=partial(_on_sighup, reactor))
-        reloader.setServiceParent(service)
         service.reloader = reloader
+        reloader.setServiceParent(service)
     service.api = api
     service.segment = segment
     service.core = core
@@ -469,17 +469,14 @@ def _bad_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
                 instance: str, stream: str):
     """
     The quarantined events (bad rows) of C{stream}: their own queue and
-    batcher, keys under C{BAD_PREFIX/<stream>/} (dt/hour partitions), gzip
-    JSON Lines whatever C{OUTPUT_FORMAT} (a bad row's event does not fit
-    the declared columns, by definition), the same uploader and
+    batcher, keys under C{BAD_PREFIX/<stream>/} (the stream's partitions,
+    then dt/hour), the format of L{bad_encoding}, the same uploader and
     dead-letter queue.
     """
-    from .encode.jsonl import JsonlEncoder
-
     queue = EventQueue(config.channel_size)
     prefix = f"{config.bad_prefix}/{stream}"
     key_maker = KeyMaker(prefix, f"{config.dlq_prefix}/{prefix}", instance)
-    encoder = JsonlEncoder(config.gzip_level, "bad_" + stream)
+    encoder, partitioner = bad_encoding(config, stream, key_maker)
     batcher = Batcher(
         queue=queue,
         sink=uploader.sink_for(encoder),
@@ -489,9 +486,41 @@ def _bad_stream(config: Config, reactor, metrics: Metrics, uploader: Uploader,
         batch_size=config.batch_size,
         flush_interval=config.flush_interval,
         max_pending=config.max_pending_batches,
+        partitioner=partitioner,
         stream="bad_" + stream,
     )
     return queue, batcher
+
+
+def bad_encoding(config: Config, stream: str, key_maker: KeyMaker, partitioned: bool = True):
+    """
+    The encoder of C{stream}'s bad rows and the partitioner its batcher
+    keeps apart, as L{stream_encoding} for good events: the stream's
+    partition keys read from the event as sent
+    (L{estat.pipeline.partitions.BadRowPartitioner}), and with
+    C{OUTPUT_FORMAT=parquet} the fixed bad-row table
+    (L{estat.schema.badrows}); else gzip JSON Lines.  C{partitioned=False}:
+    the format alone (C{estat-badrows resubmit} rewrites one object, of one
+    partition already).
+    """
+    if config.output_format == "parquet":
+        from .encode.badrows import BadRowEncoder
+
+        encoder = BadRowEncoder(stream, config.parquet_compression, config.gzip_level)
+    else:
+        from .encode.jsonl import JsonlEncoder
+
+        encoder = JsonlEncoder(config.gzip_level, "bad_" + stream)
+    key_maker.suffix = encoder.suffix
+    keys = config.partition_by if stream == "collect" else config.segment_partition_by
+    if not keys or not partitioned:
+        return encoder, None
+    from .encode.partitioned import PartitionedEncoder
+    from .pipeline.partitions import BadRowPartitioner
+
+    partitioner = BadRowPartitioner(keys, config.max_partitions)
+    encoder = PartitionedEncoder(encoder, partitioner, key_maker)
+    return encoder, (partitioner if config.ack_mode == "memory" else None)
 
 
 def _stream_ack_mode(config: Config, wal, stream: str, queue: EventQueue, batcher: Batcher,

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
 
 from .encoder import EncodedObject
-from .interfaces import IDeadLetterQueue, IObjectStore, StoreError
+from .interfaces import IDeadLetterQueue, IObjectBrowser, IObjectStore, StoreError
 
 __all__ = [
     "MemoryObjectStore",
@@ -65,7 +65,7 @@ def read_lines(body: bytes) -> list[bytes]:
     return gzip.decompress(body).splitlines()
 
 
-@implementer(IObjectStore)
+@implementer(IObjectStore, IObjectBrowser)
 @attr.s
 class MemoryObjectStore:
     """
@@ -96,6 +96,18 @@ class MemoryObjectStore:
     def check(self) -> Deferred:
         if self.check_error is not None:
             return fail(self.check_error)
+        return succeed(None)
+
+    def keys(self, prefix: str) -> Deferred:
+        return succeed(sorted(k for k in self.objects if k.startswith(prefix)))
+
+    def get(self, key: str) -> Deferred:
+        if key not in self.objects:
+            return fail(StoreError("NoSuchKey", key, retryable=False))
+        return succeed(self.objects[key])
+
+    def delete(self, key: str) -> Deferred:
+        self.objects.pop(key, None)
         return succeed(None)
 
     def events(self) -> list[bytes]:

@@ -47,6 +47,9 @@ def arrow_type(column: Column) -> pa.DataType:
     if column.kind == "list":
         # "element", the name Parquet's LIST layout gives the item (and
         # pyarrow reads back), so a stored file's schema equals this one.
+        if column.item == "struct":  # the bad rows' errors
+            return pa.list_(pa.field("element", pa.struct([arrow_field(f)
+                                                           for f in column.fields])))
         return pa.list_(pa.field("element", _SCALAR_TYPES[column.item]))
     return _SCALAR_TYPES[column.kind]
 

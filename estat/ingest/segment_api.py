@@ -360,10 +360,10 @@ class SegmentAPI:
                 continue
             check = sorting.quarantined.get(index)
             if check is not None:
-                payload = checked[index][1]
+                kind, payload = checked[index]
                 if "writeKey" in payload:
                     payload = {k: v for k, v in payload.items() if k != "writeKey"}
-                bad.append((when, bad_row(self.stream, check, payload, fields)))
+                bad.append((when, bad_row(self.stream, check, payload, fields, kind)))
                 continue
             check = sorting.flagged.get(index)
             own = fields if check is None else dict(fields, schema_errors=errors_field(check))

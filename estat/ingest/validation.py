@@ -50,10 +50,15 @@ def errors_field(check: SchemaCheck) -> list:
     return [e.as_dict() for e in check.errors]
 
 
-def bad_row(stream: str, check: SchemaCheck, payload, server_fields: dict):
+def bad_row(stream: str, check: SchemaCheck, payload, server_fields: dict,
+            kind: str | None = None):
     """
     The line of a quarantined event (see docs/schemas.md): the event whole
     and unchanged under C{payload}, why it failed, then C{_estat}.
+
+    @param kind: a Segment message's type as its route gave it (a
+        C{/v1/track} body may leave C{type} out), so that the message can
+        be re-validated and stored later (C{estat-badrows resubmit}).
     """
     row = {
         "bad_row": SCHEMA_VIOLATION,
@@ -63,6 +68,8 @@ def bad_row(stream: str, check: SchemaCheck, payload, server_fields: dict):
         "errors_total": check.total,
         "payload": payload,
     }
+    if kind is not None:
+        row["type"] = kind
     return make_line(row, server_fields, None)
 
 

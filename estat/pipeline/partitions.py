@@ -20,8 +20,8 @@ import orjson
 
 from ..event import SERVER_FIELD
 
-__all__ = ["DEFAULT", "OTHER", "MAX_VALUE_BYTES", "Partitioner", "encode_value",
-           "check_keys"]
+__all__ = ["DEFAULT", "OTHER", "MAX_VALUE_BYTES", "Partitioner", "BadRowPartitioner",
+           "encode_value", "check_keys"]
 
 DEFAULT = "__HIVE_DEFAULT_PARTITION__"
 #: Where events go whose value would open one partition too many.
@@ -108,3 +108,30 @@ class Partitioner:
                 self._paths.clear()
             self._paths[values] = path
         return path
+
+
+@attr.s(eq=False)
+class BadRowPartitioner(Partitioner):
+    """
+    The partitions of a stream's bad rows: the same keys, read from the
+    event as the client sent it (the bad row's C{payload}; C{source} from
+    its C{_estat}; a Segment message's C{type}, when the body left it out,
+    from the type its route gave it), with the same encoding.
+    """
+
+    def values_of(self, payload) -> tuple:
+        row = orjson.loads(payload) if type(payload) is bytes else payload.obj
+        if type(row) is not dict:
+            return (None,) * len(self.keys)
+        event = row.get("payload")
+        event = event if type(event) is dict else {}
+        out = []
+        for key in self.keys:
+            if key == "source":
+                server = row.get(SERVER_FIELD)
+                out.append(server.get("source") if type(server) is dict else None)
+            elif key == "type" and "type" not in event:
+                out.append(row.get("type"))
+            else:
+                out.append(event.get(key))
+        return tuple(v if type(v) is str else None for v in out)

@@ -15,13 +15,13 @@ import attr
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from ..fsutil import atomic_write
-from ..interfaces import IObjectStore, StoreError
+from ..fsutil import TEMP_PREFIX, atomic_write
+from ..interfaces import IObjectBrowser, IObjectStore, StoreError
 
 __all__ = ["LocalDirectoryStore"]
 
 
-@implementer(IObjectStore)
+@implementer(IObjectStore, IObjectBrowser)
 @attr.s(slots=True)
 class LocalDirectoryStore:
     """
@@ -62,3 +62,41 @@ class LocalDirectoryStore:
 
     def check(self) -> Deferred:
         return self.run_in_thread(self._check)
+
+    def _keys(self, prefix: str) -> list:
+        found = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(TEMP_PREFIX):
+                    continue  # a write in progress, not an object yet
+                path = os.path.join(directory, name)
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    found.append(key)
+        return sorted(found)
+
+    def keys(self, prefix: str) -> Deferred:
+        return self.run_in_thread(self._keys, prefix)
+
+    def _read(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StoreError("NoSuchKey", key, retryable=False) from None
+        except OSError as e:
+            raise StoreError(type(e).__name__, str(e)) from e
+
+    def get(self, key: str) -> Deferred:
+        return self.run_in_thread(self._read, key)
+
+    def _remove(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(type(e).__name__, str(e)) from e
+
+    def delete(self, key: str) -> Deferred:
+        return self.run_in_thread(self._remove, key)

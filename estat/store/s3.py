@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Mapping
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import attr
 import treq
@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived, _HTTP11ClientFactory
 from zope.interface import implementer
 
-from ..interfaces import IObjectStore, StoreError
+from ..interfaces import IObjectBrowser, IObjectStore, StoreError
 
 __all__ = ["S3Store", "s3_error_code", "botocore_credentials"]
 
@@ -115,7 +115,7 @@ class SignedRequest:
     headers: dict = attr.ib()
 
 
-@implementer(IObjectStore)
+@implementer(IObjectStore, IObjectBrowser)
 @attr.s(eq=False)
 class S3Store:
     """
@@ -139,6 +139,9 @@ class S3Store:
     clock = attr.ib()
     run_in_thread: Callable[..., Deferred] = attr.ib()
     timeout: float = attr.ib(default=3.0)
+    #: The treq client's own agent, without its gzip decoding: a GET gives
+    #: back the stored bytes, not their decompression.
+    agent: object = attr.ib(default=None)
 
     @classmethod
     def from_config(cls, config, reactor, run_in_thread, environ=None,
@@ -152,7 +155,8 @@ class S3Store:
         # that old.  And no automatic retry: the uploader decides.
         pool.cachedConnectionTimeout = 15
         pool.retryAutomatically = False
-        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        agent = Agent(reactor, pool=pool)
+        http = treq.client.HTTPClient(agent)
         if config.s3_endpoint_url:
             endpoint = config.s3_endpoint_url.rstrip("/")
             path_style = config.s3_addressing_style != "virtual"
@@ -169,6 +173,7 @@ class S3Store:
             clock=reactor,
             run_in_thread=run_in_thread,
             timeout=config.s3_timeout,
+            agent=agent,
         )
         store.pool = pool
         return store
@@ -246,6 +251,78 @@ class S3Store:
                              f"bucket is not in region {self.region}", retryable=False)
         if response.code != 200:
             raise StoreError(f"HTTP{response.code}", "unexpected answer to HeadBucket")
+
+    # --- reading back (estat-badrows resubmit; the server never lists) ------
+
+    def _bounded(self, coroutine, method: str, key: str) -> Deferred:
+        d = Deferred.fromCoroutine(coroutine)
+        d.addTimeout(max(self.timeout, 10.0), self.clock)
+        d.addErrback(self._classify, method, key)
+        return d
+
+    async def _request(self, method: str, url: str) -> tuple:
+        signed = await self.run_in_thread(self.sign, method, url)
+        response = await _cancellable(self.http.request(
+            method, signed.url, headers=_headers(signed.headers), allow_redirects=False))
+        content = await _cancellable(response.content())
+        return response.code, content
+
+    def _raise(self, code: int, content: bytes) -> None:
+        error, message = s3_error_code(code, content)
+        raise StoreError(error, message, retryable=_retryable(code, error))
+
+    def keys(self, prefix: str) -> Deferred:
+        """
+        ListObjectsV2, every page, under C{prefix}.
+        """
+        return Deferred.fromCoroutine(self._keys(prefix))
+
+    async def _keys(self, prefix: str) -> list:
+        from xml.etree import ElementTree
+
+        found, token = [], None
+        while True:
+            query = {"list-type": "2", "prefix": prefix}
+            if token:
+                query["continuation-token"] = token
+            url = self.url("") + "?" + urlencode(sorted(query.items()), quote_via=quote)
+            code, content = await self._bounded(self._request("GET", url), "LIST", prefix)
+            if code != 200:
+                self._raise(code, content)
+            root = ElementTree.fromstring(content)
+            ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            found.extend(e.findtext(f"{ns}Key") for e in root.iter(f"{ns}Contents"))
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+                return sorted(found)
+
+    def get(self, key: str) -> Deferred:
+        return self._bounded(self._get(key), "GET", key)
+
+    async def _get(self, key: str) -> bytes:
+        if self.agent is None:
+            code, content = await self._request("GET", self.url(key))
+        else:
+            from twisted.web.client import readBody
+            from twisted.web.http_headers import Headers
+
+            signed = await self.run_in_thread(self.sign, "GET", self.url(key))
+            response = await _cancellable(self.agent.request(
+                b"GET", signed.url.encode("ascii"), Headers(_headers(signed.headers))))
+            code, content = response.code, await _cancellable(readBody(response))
+        if code == 404:
+            raise StoreError("NoSuchKey", key, retryable=False)
+        if code != 200:
+            self._raise(code, content)
+        return content
+
+    def delete(self, key: str) -> Deferred:
+        return self._bounded(self._delete(key), "DELETE", key)
+
+    async def _delete(self, key: str) -> None:
+        code, content = await self._request("DELETE", self.url(key))
+        if code not in (200, 204, 404):
+            self._raise(code, content)
 
     def _classify(self, failure, method: str, key: str):
         """

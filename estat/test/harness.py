@@ -186,7 +186,7 @@ _POLICY = {
     "Version": "2012-10-17",
     "Statement": [{
         "Effect": "Allow",
-        "Action": ["s3:PutObject", "s3:GetObject", "s3:ListBucket",
+        "Action": ["s3:PutObject", "s3:GetObject", "s3:ListBucket", "s3:DeleteObject",
                    # moto checks HeadBucket under its own action name.
                    "s3:HeadBucket",
                    # temporary credentials for the container-credentials test

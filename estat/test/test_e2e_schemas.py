@@ -274,3 +274,157 @@ def test_sighup_under_load_loses_nothing(tmp_path):
     assert len(good) + len(bad) == len(accepted)
     assert sorted(good + bad) == sorted(accepted)
     assert len(bad) == len(accepted) // 10
+
+
+STRICT = {"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]}
+#: The fix: a price sent as text is taken; one left out still is not.
+FIXED = {"type": "object", "properties": {"price": {"type": ["number", "string"]}},
+         "required": ["price"]}
+ORDER = {"type": "object", "properties": {"properties": {
+    "type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}}}
+RESUBMIT_PLAN = """\
+collect: {mode: quarantine, default: event.json}
+segment: {mode: quarantine, schemas: {Order Completed: order.json}}
+"""
+
+
+def test_resubmit_after_the_plan_is_fixed_stores_each_event_once(tmp_path):
+    """
+    Quarantine events on a real server storing in S3 (moto), fix the plan,
+    C{estat-badrows resubmit}: every event is stored exactly once, good or
+    bad, and a second run changes nothing.
+    """
+    import subprocess
+    import sys
+
+    from estat.test.harness import MotoServer
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "event.json").write_text(json.dumps(STRICT))
+    (plan_dir / "order.json").write_text(json.dumps(ORDER))
+    (plan_dir / "plan.yaml").write_text(RESUBMIT_PLAN)
+    moto = MotoServer()
+    try:
+        env = {"RAW_BUCKET": moto.bucket, "S3_ENDPOINT_URL": moto.endpoint,
+               "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": moto.access_key,
+               "AWS_SECRET_ACCESS_KEY": moto.secret_key, "SCHEMAS": str(plan_dir / "plan.yaml"),
+               "FLUSH_INTERVAL": "200ms", "INSTANCE_ID": "e2e"}
+        estat = EstatProcess(env)
+        try:
+            estat.wait_ready()
+            run = uuid.uuid4().hex
+            events = ([{"n": i, "run": run, "price": i} for i in range(20)]
+                      + [{"n": i, "run": run, "price": f"{i},50"} for i in range(20, 25)]
+                      + [{"n": i, "run": run} for i in range(25, 30)])
+            for start in range(0, 30, 10):
+                assert post(estat, events[start:start + 10])[0] == 202
+            status, _ = post(estat, {"type": "track", "event": "Order Completed", "userId": "u",
+                                     "messageId": f"m-{run}", "properties": {"total": "9"}},
+                             "/v1/track")
+            assert status == 200
+
+            def counts():
+                good = [e for e in moto.events("raw/") if e.get("run") == run]
+                bad = moto.events("bad/")
+                return (len(good), len(bad)) if (len(good), len(bad)) == (20, 11) else None
+
+            wait_until(counts, 15, 0.2, lambda: "20 good and 11 bad rows in the bucket")
+        finally:
+            estat.stop()
+
+        (plan_dir / "event.json").write_text(json.dumps(FIXED))
+        (plan_dir / "order.json").write_text(json.dumps({"type": "object"}))
+        tool_env = {k: v for k, v in estat.env.items() if k != "HTTP_ADDR"}
+        tool_env["ENV_FILE"] = "/nonexistent"
+
+        def resubmit():
+            result = subprocess.run(
+                [sys.executable, "-m", "estat.badrows_tool", "resubmit"], env=tool_env,
+                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                cwd=estat.directory)
+            assert result.returncode == 0, result.stderr
+            return result.stderr
+
+        first = resubmit()
+        assert "stored 6 events as good; 5 still fail" in first, first
+        good = [e for e in moto.events("raw/") if e.get("run") == run]
+        bad = moto.events("bad/")
+        assert sorted(e["n"] for e in good) == list(range(25))
+        assert sorted(b["payload"]["n"] for b in bad) == list(range(25, 30))
+        assert all(b["errors"][0]["keyword"] == "required" for b in bad)
+        messages = moto.events("segment/")
+        assert [m["messageId"] for m in messages] == [f"m-{run}"]
+        assert messages[0]["type"] == "track" and messages[0]["receivedAt"]
+        assert all(k.endswith("-resubmitted.jsonl.gz") for k in moto.keys("segment/"))
+
+        before = moto.objects("")
+        second = resubmit()
+        assert "stored 0 events as good; 5 still fail" in second, second
+        assert moto.objects("") == before
+    finally:
+        moto.stop()
+
+
+def test_bad_rows_follow_partitions_and_parquet(tmp_path):
+    """
+    OUTPUT_FORMAT=parquet and PARTITION_BY: bad rows are Parquet files of
+    the bad-row table under BAD_PREFIX/collect/<key>=<value>/dt=/hour=,
+    C{estat-badrows list} reads them, and C{resubmit} stores them as good
+    Parquet under the same partitions.
+    """
+    import subprocess
+    import sys
+
+    from estat.encode.parquet import read_events
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "columns.json").write_text(json.dumps(
+        {"type": "object", "properties": {"event": {"type": "string"},
+                                          "price": {"type": "number"}}}))
+    (plan_dir / "event.json").write_text(json.dumps(STRICT))
+    (plan_dir / "plan.yaml").write_text(
+        "collect: {columns: columns.json, mode: quarantine, default: event.json}\n")
+    env = {"SCHEMAS": str(plan_dir / "plan.yaml"), "OUTPUT_FORMAT": "parquet",
+           "PARTITION_BY": "event", "FLUSH_INTERVAL": "200ms"}
+    estat = EstatProcess(env)
+    try:
+        estat.wait_ready()
+        events = [{"event": "buy", "price": 1}, {"event": "buy", "price": "2"},
+                  {"event": "a/b", "price": "3"}, {"price": "4"}]
+        assert post(estat, events)[0] == 202
+
+        def bad_keys():
+            keys = [os.path.relpath(os.path.join(d, n), estat.store_dir)
+                    for d, _, names in os.walk(estat.store_dir) for n in names
+                    if n.endswith(".parquet")]
+            bad = sorted(k.split("/dt=")[0] for k in keys if k.startswith("bad/"))
+            return bad if len(bad) == 3 and any(k.startswith("raw/") for k in keys) else None
+
+        assert wait_until(bad_keys, 10, 0.1, lambda: "bad rows stored") == [
+            "bad/collect/event=__HIVE_DEFAULT_PARTITION__", "bad/collect/event=a%2Fb",
+            "bad/collect/event=buy"]
+    finally:
+        estat.stop()
+    tool = [sys.executable, "-m", "estat.badrows_tool"]
+    listed = subprocess.run(tool + ["list", estat.store_dir], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert listed.splitlines()[0] == "collect event.json: 3 events", listed
+    (plan_dir / "event.json").write_text(json.dumps(FIXED))
+    tool_env = {k: v for k, v in estat.env.items() if k != "HTTP_ADDR"}
+    tool_env["ENV_FILE"] = "/nonexistent"
+    result = subprocess.run(tool + ["resubmit"], env=tool_env, capture_output=True, text=True,
+                            timeout=120, cwd=estat.directory)
+    assert result.returncode == 0, result.stderr
+    good = {}
+    for d, _, names in os.walk(os.path.join(estat.store_dir, "raw")):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                part = os.path.relpath(d, estat.store_dir).split("/dt=")[0]
+                good.setdefault(part, []).extend(e["price"] for e in read_events(f.read()))
+    assert {k: sorted(v, key=str) for k, v in good.items()} == {
+        "raw/event=buy": [1, "2"], "raw/event=a%2Fb": ["3"],
+        "raw/event=__HIVE_DEFAULT_PARTITION__": ["4"]}
+    assert not [n for _, _, names in os.walk(os.path.join(estat.store_dir, "bad"))
+                for n in names]

@@ -469,3 +469,38 @@ class SecondStreamTests(ServiceTestsMixin, SynchronousTestCase):
             readiness=self.readiness, metrics=self.metrics, clock=self.clock,
             streams=[(queue, batcher)])
         self.assertIs(batcher.parent, service)
+
+
+class ReloaderStopTests(ServiceTestsMixin, SynchronousTestCase):
+    def test_sighup_handler_removed_on_stop(self):
+        """
+        The plan reloader's SIGHUP handler is installed at start and put
+        back when the service stops, before the listener closes.
+        """
+        from estat.schema.reloader import PlanReloader
+
+        installed = []
+
+        def on_signal(handler):
+            installed.append(handler)
+            return lambda: installed.remove(handler)
+
+        self.build()
+        order = []
+        http_stop = self.http.stopService
+
+        def stop_http():
+            order.append(("http", list(installed)))
+            return http_stop()
+
+        self.http.stopService = stop_http
+        reloader = PlanReloader(path="plan.yaml", validation=None, metrics=self.metrics,
+                                run_in_thread=run_synchronously, on_signal=on_signal)
+        self.service.reloader = reloader
+        reloader.setServiceParent(self.service)
+        self.service.startService()
+        self.assertEqual(installed, [reloader.reload])
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(installed, [])
+        self.assertEqual(order, [("http", [])])
+        self.assertFalse(reloader.running)

@@ -654,3 +654,85 @@ class DocsTests(SynchronousTestCase):
             text = out.getvalue().replace(schema, self.SCHEMA_PATH).rstrip("\n")
             self.assertIn("\n" + text + "\n```", doc,
                           f"docs/querying.md does not show {argv} {env} as printed")
+
+
+class BadRowsTableTests(SynchronousTestCase):
+    """
+    C{--bad}: the table of a stream's bad rows, for each engine, and the
+    DuckDB view run over bad rows the server's own encoders wrote.
+    """
+
+    ERRORS = "array<struct<pointer:string,keyword:string,message:string>>"
+
+    def layout(self, stream="collect", **config):
+        config.setdefault("output_format", "parquet")
+        config.setdefault("raw_bucket", "bkt")
+        return layout_of(Config.defaults(**config), stream, bad=True)
+
+    def test_athena(self):
+        text = render(self.layout(partition_by=("source",)), "athena")
+        self.assertIn("CREATE EXTERNAL TABLE IF NOT EXISTS `estat_bad_collect` (", text)
+        self.assertEqual(_columns(text, "CREATE EXTERNAL TABLE"), [
+            ("bad_row", "string"), ("stream", "string"), ("schema", "string"),
+            ("errors", self.ERRORS), ("errors_total", "bigint"), ("payload", "string"),
+            ("type", "string"),
+            ("_estat", "struct<received_at:timestamp,ip:string,user_agent:string,"
+                       "source:string>")])
+        self.assertEqual(_columns(text, "PARTITIONED BY"),
+                         [("source", "string"), ("dt", "string"), ("hour", "int")])
+        self.assertIn("\nLOCATION 's3://bkt/bad/collect/'\n", text)
+        self.assertIn("STORED AS PARQUET", text)
+
+    def test_glue_and_spark(self):
+        layout = self.layout("segment", output_format="jsonl", segment_partition_by=("type",),
+                             bad_prefix="quarantine")
+        glue = glue_table_input(layout)
+        self.assertEqual(glue["Name"], "estat_bad_segment")
+        self.assertEqual(glue["StorageDescriptor"]["Location"], "s3://bkt/quarantine/segment/")
+        columns = {c["Name"]: c["Type"] for c in glue["StorageDescriptor"]["Columns"]}
+        self.assertEqual(columns["errors"], self.ERRORS)
+        self.assertNotIn("type", columns)  # the partition key supplies it
+        self.assertNotIn("_extra", columns)
+        spark = render(layout, "spark")
+        self.assertIn("`errors` ARRAY<STRUCT<`pointer`: STRING, `keyword`: STRING, "
+                      "`message`: STRING>>", spark)
+        self.assertIn("USING json", spark)
+
+    def test_duckdb_reads_what_the_server_writes(self):
+        import duckdb
+        import orjson
+
+        from estat.tap import bad_encoding
+
+        row = {"bad_row": "schema_violation", "stream": "collect", "schema": "event.json",
+               "errors": [{"pointer": "/price", "keyword": "type", "message": "m"}],
+               "errors_total": 1, "payload": {"event": "buy", "price": "1"},
+               "_estat": {"received_at": "2026-12-06T14:00:00.000Z", "ip": "127.0.0.1",
+                          "user_agent": "t", "source": None}}
+        for output_format in ("parquet", "jsonl"):
+            root = _tmpdir(self)
+            config = Config.defaults(output_format=output_format, local_store_dir=root,
+                                     partition_by=("source",), ack_mode="disk")
+            keys = KeyMaker("bad/collect", "raw_dlq/bad/collect", "t")
+            encoder, _ = bad_encoding(config, "collect", keys)
+            key = keys.batch_key(1796565600.0, 1796565600.0, "0" * 16)
+            for obj in encoder.encode(Batch(key=key, poison_key=keys.poison_key(key),
+                                            events=[(0.0, orjson.dumps(row))] * 2,
+                                            first_event_at=0.0, sealed_at=0.0)):
+                path = os.path.join(root, *obj.key.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(obj.body)
+            db = duckdb.connect()
+            self.addCleanup(db.close)
+            db.execute(render(layout_of(config, "collect", bad=True), "duckdb"))
+            result = db.sql("SELECT count(*), min(errors[1].keyword), "
+                            "min(json_extract_string(payload, '$.price')), min(source), "
+                            "min(hour) FROM estat_bad_collect").fetchall()
+            self.assertEqual(result, [(2, "type", "1", None, 14)], output_format)
+
+    def test_command(self):
+        code = main(["--engine", "athena", "--bad", "--stream", "segment"],
+                    stdout=io.StringIO(), stderr=io.StringIO(),
+                    environ={"ENV_FILE": "/nonexistent", "RAW_BUCKET": "b"})
+        self.assertEqual(code, 0)
