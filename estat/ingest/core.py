@@ -130,6 +130,15 @@ class QueueAdmission:
     def admit(self, events: list, done: Callable) -> None:
         done(None if self.queue.offer(events) else self._full)
 
+    def refusal_for(self, count: int) -> Refusal | None:
+        """
+        The refusal L{admit} would give C{count} events now, or C{None}.
+        """
+        queue = self.queue
+        if queue.closed or count > queue.size - len(queue.pending):
+            return self._full
+        return None
+
 
 def error_answer(status: int, message: str, headers: tuple = (), **extra) -> Answer:
     """

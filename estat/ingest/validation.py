@@ -78,8 +78,14 @@ def admit_both(good_admission, good: list, bad_admission, bad: list,
     """
     Admit C{good} and C{bad} (each to its own stream) at once; C{done} is
     called once, when both are admitted (C{None}) or with the first
-    refusal.  A refused request is retried by its client: what the other
-    stream took is then stored twice (documented).
+    refusal.
+
+    A refused request is retried by its client, so what one stream took
+    would be stored twice: both admissions are asked first whether they
+    have room (C{refusal_for}, on the reactor thread, so nothing takes the
+    room between the question and the offers), and a request one of them
+    would refuse goes to neither.  What remains is a write-ahead log that
+    fails or fills between the two (C{ACK_MODE=disk}): documented.
     """
     if not bad:
         good_admission.admit(good, done)
@@ -87,6 +93,12 @@ def admit_both(good_admission, good: list, bad_admission, bad: list,
     if not good:
         bad_admission.admit(bad, done)
         return
+    for admission, events in ((good_admission, good), (bad_admission, bad)):
+        check = getattr(admission, "refusal_for", None)
+        refusal = check(len(events)) if check is not None else None
+        if refusal is not None:
+            done(refusal)
+            return
     state = {"waiting": 2, "refusal": None}
 
     def one(refusal) -> None:

@@ -238,6 +238,23 @@ class AdmitBothTests(SynchronousTestCase):
                    QueueAdmission(EventQueue(0)), [(1.0, b"{}")], done.append)
         self.assertEqual([d.reason for d in done], [refusal.reason])
 
+    def test_neither_stream_takes_a_refused_request(self) -> None:
+        """
+        When either stream has no room, neither takes its events: the
+        client retries the whole request, so anything taken would be
+        stored twice.
+        """
+        for good_size, bad_size in ((10, 0), (0, 10)):
+            good, bad, done = EventQueue(good_size), EventQueue(bad_size), []
+            admit_both(QueueAdmission(good), [(1.0, b"{}")],
+                       QueueAdmission(bad), [(1.0, b"{}")], done.append)
+            self.assertEqual([d.reason for d in done], ["queue_full"])
+            self.assertEqual((len(good), len(bad)), (0, 0))
+        good, bad, done = EventQueue(1), EventQueue(1), []
+        admit_both(QueueAdmission(good), [(1.0, b"{}")],
+                   QueueAdmission(bad), [(1.0, b"{}")], done.append)
+        self.assertEqual((done, len(good), len(bad)), ([None], 1, 1))
+
 
 def basic(key: bytes) -> bytes:
     return b"Basic " + base64.b64encode(key + b":")

@@ -89,6 +89,16 @@ class WalAdmission:
     def __attrs_post_init__(self) -> None:
         self.metrics.ack_waiting_sources.append(lambda: self.waiting)
 
+    def refusal_for(self, count: int) -> Refusal | None:
+        """
+        The refusal L{admit} would give C{count} events for want of room on
+        the queue now, or C{None} (the log may still refuse them).
+        """
+        queue = self.queue
+        if queue.closed or count > queue.size - len(queue.pending) - self._reserved:
+            return self._refusal["queue_full"]
+        return None
+
     def admit(self, events: list, done: Callable) -> None:
         count = len(events)
         queue = self.queue
@@ -209,6 +219,17 @@ class StoredAdmission:
 
     def __attrs_post_init__(self) -> None:
         self.metrics.ack_waiting_sources.append(lambda: self.waiting)
+
+    def refusal_for(self, count: int) -> Refusal | None:
+        """
+        The refusal L{admit} would give C{count} events now, or C{None}.
+        """
+        if self.waiting >= self.max_waiting:
+            return self._refusal["ack_waiters_full"]
+        queue = self.queue
+        if queue.closed or count > queue.size - len(queue.pending):
+            return self._refusal["queue_full"]
+        return None
 
     def admit(self, events: list, done: Callable) -> None:
         if self.waiting >= self.max_waiting:
