@@ -156,10 +156,24 @@ class EventValidation:
         plan = self.plan
         if plan is None:
             return None
+        if len(events) == 1:
+            # The usual request: one event, valid.
+            check = plan.check(stream, events[0], names[0] if names is not None else None)
+            if check is None:
+                return None
+            if not check.total:
+                self._count(stream, check.schema, "valid")
+                return None
+            known = check
+        else:
+            known = None
         failed = None
         checks = []
         for index, event in enumerate(events):
-            check = plan.check(stream, event, names[index] if names is not None else None)
+            if known is not None:
+                check = known
+            else:
+                check = plan.check(stream, event, names[index] if names is not None else None)
             checks.append(check)
             if check is not None and check.total:
                 if failed is None:

@@ -75,6 +75,9 @@ class Violation(NamedTuple):
         return {"pointer": self.pointer, "keyword": self.keyword, "message": self.message}
 
 
+_VALID = ()
+
+
 class SchemaCheck(NamedTuple):
     """
     The outcome of checking one event.
@@ -100,6 +103,12 @@ class _Entry:
     schema: str = attr.ib()
     mode: str = attr.ib()
     validator: Any = attr.ib(eq=False, repr=False)
+    #: The check of a valid event: the same object every time.
+    valid: SchemaCheck = attr.ib(init=False, eq=False, repr=False)
+
+    @valid.default
+    def _valid(self) -> SchemaCheck:
+        return SchemaCheck(self.schema, self.mode, _VALID, 0)
 
 
 @attr.s(slots=True)
@@ -110,7 +119,6 @@ class _Stream:
     columns: str | None = attr.ib()
 
 
-_VALID = ()
 
 
 @attr.s
@@ -179,7 +187,7 @@ class Plan:
             return None
         validator = entry.validator
         if validator.is_valid(event):
-            return SchemaCheck(entry.schema, entry.mode, _VALID, 0)
+            return entry.valid
         errors = []
         total = 0
         for error in validator.iter_errors(event):
