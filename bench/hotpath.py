@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--dedup", action="store_true",
                         help="with the DEDUP_WINDOW hook (events without messageId)")
     parser.add_argument("--batch", type=int, default=1, help="events per POST (a JSON array)")
+    parser.add_argument("--plan", default="",
+                        help="a tracking plan (SCHEMAS) for the core, its bad rows on a queue")
     parser.add_argument("--stub", action="store_true",
                         help="a handler that answers at once: the protocol alone")
     args = parser.parse_args()
@@ -102,6 +104,12 @@ def main() -> int:
         dedup = DedupWindow(clock, window=600.0, max_ids=100_000)
     core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock,
                       dedup=dedup)
+    if args.plan:
+        from estat.ingest.validation import EventValidation
+        from estat.schema.plan import load_plan
+
+        core.validation = EventValidation(load_plan(args.plan), metrics)
+        core.bad_admission = QueueAdmission(EventQueue(1_000_000))
     handler = core.collect
     if args.stub:
         from estat.ingest.core import Answer
