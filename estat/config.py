@@ -140,6 +140,62 @@ def _niceness(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    """
+    C{WORKERS}: a positive count, or C{auto} (L{available_cpus}), kept as 0
+    until the process resolves it.
+    """
+    value = text.strip().lower()
+    if value == "auto":
+        return 0
+    count = _int(value)
+    if not 1 <= count <= 256:
+        raise ValueError("must be 'auto' or a count from 1 to 256")
+    return count
+
+
+def available_cpus(affinity=None, cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """
+    The CPUs this process may run on (C{os.sched_getaffinity}), capped by
+    the cgroup CPU quota rounded down (v2 C{cpu.max}, or v1
+    C{cpu.cfs_quota_us}/C{cpu.cfs_period_us}), at least 1: a 0.5-vCPU task
+    gets 1, a 4-vCPU one 4.
+    """
+    import math
+    import os
+
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    count = len(affinity) if affinity else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        count = min(count, math.floor(quota))
+    return max(1, count)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    import os
+
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            limit, _, period = f.read().strip().partition(" ")
+        if limit != "max" and period:
+            return int(limit) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            limit = int(f.read().strip())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read().strip())
+        if limit > 0 and period > 0:
+            return limit / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("text", "json"):
@@ -343,6 +399,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEDUP_MAX_IDS", "100000", _positive_int, "most message ids the dedup window holds (about 75 bytes each); past it the oldest are forgotten early"),
     # Acknowledgement modes (what a 202 promises).
     Setting("ACK_MODE", "memory", _ack_mode, "when a 202 is sent: memory (queued), disk (in the write-ahead log, fdatasync'd) or stored (in the store or the DLQ)"),
+    Setting("WORKERS", "1", _workers, "processes serving HTTP_ADDR: 1 is one process as always; N > 1 or auto (the CPUs this process may use, capped by the cgroup quota) runs a supervisor and N workers on one port (docs/workers.md)"),
     Setting("WAL_DIR", "/tmp/wal", _non_empty_string, "directory of the write-ahead log (ACK_MODE=disk); one process per directory"),
     Setting("WAL_MAX_SIZE_BYTES", "1073741824", _positive_int, "size cap of the write-ahead log; beyond it POSTs get 503"),
     Setting("WAL_SEGMENT_SIZE_BYTES", "16777216", _positive_int, "the write-ahead log starts a new segment file at this size"),
@@ -420,6 +477,10 @@ class Config:
     partition_by: tuple = attr.ib(default=())
     segment_partition_by: tuple = attr.ib(default=())
     max_partitions: int = attr.ib(default=100)
+    workers: int = attr.ib(default=1)
+    #: Set by the supervisor's workers (L{estat.workers.worker.worker_config}):
+    #: this process's slot, C{None} in a single process.
+    worker_slot: int | None = attr.ib(default=None)
 
     @classmethod
     def defaults(cls, **overrides: Any) -> "Config":

@@ -197,6 +197,11 @@ class DiskDeadLetterQueue(Service):
     max_backoff: float = attr.ib(default=60.0)
     scan_limit: int = attr.ib(default=1000)
     entropy: Callable[[int], bytes] = attr.ib(default=os.urandom)
+    #: Other processes (the other workers of C{WORKERS=N}) use this
+    #: directory too: the files and bytes are counted again from the
+    #: directory at most every C{interval} seconds, since the others add
+    #: and remove files this process does not see.
+    shared: bool = attr.ib(default=False)
 
     files: int = attr.ib(default=0, init=False)
     bytes: int = attr.ib(default=0, init=False)
@@ -214,6 +219,7 @@ class DiskDeadLetterQueue(Service):
     #: True until the start-up listing is counted; names written meanwhile.
     _recovering: bool = attr.ib(default=True, init=False)
     _early_writes: set = attr.ib(factory=set, init=False)
+    _counted_at: float = attr.ib(default=0.0, init=False)
 
     # --- service ---
 
@@ -239,8 +245,8 @@ class DiskDeadLetterQueue(Service):
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
-                    if entry.name.startswith(ours):
-                        continue  # a write of ours, in progress right now
+                    if entry.name.startswith(ours) or _writer_alive(entry.name):
+                        continue  # a write in progress right now (ours or another worker's)
                     try:
                         os.unlink(entry.path)
                         removed += 1
@@ -270,6 +276,7 @@ class DiskDeadLetterQueue(Service):
                           "from before; retrying them", directory=self.directory,
                           files=len(old), bytes=sum(old.values()))
         self._pass = None
+        self._counted_at = self.clock.seconds()
         self._schedule(0 if self.files else self.interval)
 
     def _recover_failed(self, failure) -> None:
@@ -412,6 +419,8 @@ class DiskDeadLetterQueue(Service):
         try:
             failures = 0
             while self._retrying:
+                if self.shared and self.clock.seconds() - self._counted_at >= self.interval:
+                    await self.recount()
                 outcome = await self.retry_oldest()
                 if outcome == "empty":
                     self._delay = self.interval
@@ -436,6 +445,28 @@ class DiskDeadLetterQueue(Service):
             self.metrics.loop_errors.labels("dlq").inc()
             self.log.failure("error in the dead-letter retry loop")
             return self.interval
+
+    async def recount(self) -> None:
+        """
+        Count the directory's files and bytes again (in a thread), for a
+        directory other processes share.
+        """
+        self._counted_at = self.clock.seconds()
+        files, size = await self.run_in_thread(self._count)
+        self.files, self.bytes = files, size
+        self._update_gauges()
+
+    def _count(self) -> tuple[int, int]:
+        files = size = 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(SUFFIX) and not entry.name.startswith(TEMP_PREFIX):
+                    try:
+                        size += entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    files += 1
+        return files, size
 
     def scan(self, retry_at: dict | None = None) -> ScanResult:
         """
@@ -576,6 +607,27 @@ class DiskDeadLetterQueue(Service):
             return count
         finally:
             claim.release()
+
+
+def _writer_alive(name: str) -> bool:
+    """
+    Whether the process that began the temporary file C{name}
+    (C{.tmp-<pid>-<random>}) still runs.
+    """
+    pid_text = name[len(TEMP_PREFIX):].split("-", 1)[0]
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _count_events_fd(fd: int) -> int:

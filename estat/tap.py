@@ -189,7 +189,7 @@ def stream_encoding(config: Config, table, key_maker: KeyMaker):
     return encoder, (partitioner if config.ack_mode == "memory" else None)
 
 
-def build_service(config: Config, reactor, environ=None) -> EstatService:
+def build_service(config: Config, reactor, environ=None, endpoint=None) -> EstatService:
     """
     Wire the pipeline for C{config} on C{reactor}: where objects go
     (L{_storage}), the C{/collect} stream and its rules (L{_collect_stream},
@@ -243,7 +243,7 @@ def build_service(config: Config, reactor, environ=None) -> EstatService:
             return gatherResults([first_settle()] + [b.drain() for _, b in streams])
 
     site, http = _http(config, reactor, metrics, {b"/collect": core.collect, **segment.routes()},
-                       api, core.limits, settle)
+                       api, core.limits, settle, endpoint)
     service = EstatService(
         http=http,
         batcher=batcher,
@@ -308,6 +308,7 @@ def _storage(config: Config, reactor, metrics: Metrics, run_in_thread, environ):
         max_bytes=config.dlq_max_size_bytes,
         interval=config.dlq_retry_interval,
         max_backoff=max(60.0, config.dlq_retry_interval),
+        shared=config.worker_slot is not None,
     )
     uploader = Uploader(
         store=store,
@@ -382,7 +383,7 @@ def _collect_core(config: Config, reactor, metrics: Metrics, queue: EventQueue) 
 
 
 def _http(config: Config, reactor, metrics: Metrics, routes: dict, api: IngestAPI,
-          limits: Limits, settle):
+          limits: Limits, settle, endpoint=None):
     """
     C{(site, http)}: the httptools protocol's factory over C{routes} (the
     ingest handlers) and C{api}'s Klein resource for the rest, and the
@@ -418,7 +419,7 @@ def _http(config: Config, reactor, metrics: Metrics, routes: dict, api: IngestAP
     )
     metrics.http_connections_open.set_function(lambda: len(site.channels))
     http = HTTPListenerService(
-        endpoint=server_endpoint(reactor, with_backlog(config.http_addr)),
+        endpoint=endpoint or server_endpoint(reactor, with_backlog(config.http_addr)),
         site=site,
         clock=reactor,
         grace=min(5.0, config.shutdown_timeout / 4),
@@ -673,10 +674,36 @@ def tune_interpreter() -> None:
     gc.freeze()
 
 
-def makeService(options, reactor=None) -> EstatService:
+def makeService(options, reactor=None, environ=None, argv=None):
     if reactor is None:
         from twisted.internet import reactor
-    service = build_service(options.config, reactor)
+    environ = os.environ if environ is None else environ
+    config = options.config
+    slot = None
+    endpoint = None
+    from .workers.worker import worker_slot
+
+    slot = worker_slot(environ)
+    if slot is None:
+        workers = config.workers
+        if workers == 0:
+            from .config import available_cpus
+
+            workers = available_cpus()
+        if workers > 1:
+            return build_supervisor(config, reactor, workers, environ,
+                                    sys.argv if argv is None else argv)
+    else:
+        from .http.transport import AdoptedEndpoint
+        from .workers.supervisor import LISTEN_FD
+        from .workers.worker import watch_supervisor, worker_config
+
+        instance = (sanitize(config.instance_id) if config.instance_id
+                    else default_instance_id(environ))
+        config = worker_config(config, slot, instance)
+        endpoint = AdoptedEndpoint(reactor, int(environ.get("ESTAT_LISTEN_FD", LISTEN_FD)))
+        watch_supervisor(reactor, os.getppid())
+    service = build_service(config, reactor, environ, endpoint)
     if service.wal is not None:
         from .wal.files import WalInUse
 
@@ -689,3 +716,42 @@ def makeService(options, reactor=None) -> EstatService:
             raise SystemExit(2)
     tune_interpreter()
     return service
+
+
+def build_supervisor(config: Config, reactor, workers: int, environ, argv: list):
+    """
+    C{WORKERS=N} (N > 1): the supervisor, which binds C{HTTP_ADDR} and
+    starts N copies of this command as workers (L{estat.workers}).
+    """
+    from .workers.supervisor import (Supervisor, bind_listener, exit_with, twisted_spawner,
+                                     worker_argv)
+
+    try:
+        listener = bind_listener(with_backlog(config.http_addr))
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"estat: WORKERS={workers}: cannot listen on {config.http_addr}: {e}\n")
+        raise SystemExit(2)
+    import signal
+
+    def on_exit(status: int) -> None:
+        exit_with(reactor, status)
+        if supervisor.running:
+            # Not asked to stop (a crash loop stopped the workers): stop twistd.
+            reactor.callLater(0, reactor.stop)
+
+    environ = dict(environ)
+    # One instance name for the workers, each with its slot (-w<slot>).
+    environ["INSTANCE_ID"] = (sanitize(config.instance_id) if config.instance_id
+                              else default_instance_id(environ))
+    supervisor = Supervisor(
+        spawn=twisted_spawner(reactor, worker_argv(sys.executable, list(argv)), environ,
+                              listener.fileno()),
+        clock=reactor,
+        count=workers,
+        shutdown_timeout=config.shutdown_timeout + 10.0,
+        on_exit=on_exit,
+        listener=listener,
+    )
+    supervisor.restore_sighup = _on_sighup(
+        reactor, lambda: supervisor.signal_all(signal.SIGHUP))
+    return supervisor

@@ -31,6 +31,9 @@ C{write}).  No TLS.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import attr
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
@@ -39,7 +42,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["DirectWriteServer", "DirectWritePort", "DirectWriteTCPEndpoint", "server_endpoint"]
+__all__ = ["AdoptedEndpoint", "DirectWriteServer", "DirectWritePort", "DirectWriteTCPEndpoint",
+           "server_endpoint"]
 
 
 class _TurnFlusher:
@@ -196,3 +200,27 @@ def server_endpoint(reactor, description: str):
         return DirectWriteTCPEndpoint(reactor, endpoint._port, endpoint._backlog,
                                       endpoint._interface)
     return endpoint
+
+
+@implementer(IStreamServerEndpoint)
+@attr.s(frozen=True)
+class AdoptedEndpoint:
+    """
+    Listens on an inherited listening socket (descriptor C{fd}) with a
+    L{DirectWritePort}, as the supervisor's other workers do.
+    """
+
+    reactor = attr.ib()
+    fd: int = attr.ib()
+
+    def listen(self, factory):
+        return defer.execute(self._listen, factory)
+
+    def _listen(self, factory):
+        with socket.socket(fileno=os.dup(self.fd)) as probe:
+            family = probe.family
+        port = DirectWritePort._fromListeningDescriptor(self.reactor, self.fd, family, factory)
+        port.startListening()
+        # The port holds its own duplicate of the socket.
+        os.close(self.fd)
+        return port

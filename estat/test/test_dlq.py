@@ -842,3 +842,70 @@ class ExpiryRaceTests(DiskQueueMixin, SynchronousTestCase):
         self.advance(3700, step=10)
         self.assertEqual(self.names(), [])
         self.assertEqual(self.sample("events_dropped_total", {"reason": "dlq_expired"}), 3)
+
+
+class SharedDirectoryTests(DiskQueueMixin, SynchronousTestCase):
+    """
+    C{shared=True}: several workers of C{WORKERS=N} on one directory.
+    """
+
+    def test_a_live_writers_temporary_file_is_kept(self) -> None:
+        """
+        At start, a temporary file of another live process (a worker
+        writing right now) stays; one of a dead process goes.
+        """
+        queue = self.make_queue(shared=True)
+        os.makedirs(self.directory)
+        live = os.path.join(self.directory, f"{TEMP_PREFIX}{os.getppid()}-0a0b")
+        dead = os.path.join(self.directory, f"{TEMP_PREFIX}999999999-0a0b")
+        for path in (live, dead):
+            with open(path, "wb") as f:
+                f.write(b"x")
+        queue.startService()
+        self.assertTrue(os.path.exists(live))
+        self.assertFalse(os.path.exists(dead))
+
+    def test_counts_what_the_others_add_and_remove(self) -> None:
+        """
+        The files and bytes gauges follow the directory, which the other
+        workers change, within one C{interval}.
+        """
+        self.clock = Clock()
+        self.clock.advance(START)
+        deliveries = Deliveries(self.clock, False)
+        queue = self.make_queue(deliver=deliveries, shared=True)
+        directory = self.directory
+        queue.startService()
+        self.clock.advance(0)
+        other = self.make_queue(directory=directory)
+        self.queue = queue
+        for n in range(3):
+            self.successResultOf(other.put(make_object(str(n))))
+        self.assertEqual(self.sample_of(queue, "dlq_files_current"), 0)
+        self.advance(2 * INTERVAL)
+        self.assertEqual(self.sample_of(queue, "dlq_files_current"), 3)
+        self.assertEqual(self.sample_of(queue, "dlq_bytes_current"), self.sizes())
+        for name in self.names():
+            os.unlink(os.path.join(directory, name))
+        self.advance(2 * MAX_BACKOFF)
+        self.assertEqual(self.sample_of(queue, "dlq_files_current"), 0)
+
+    def test_not_shared_does_not_recount(self) -> None:
+        """
+        A single process counts its directory once, at start.
+        """
+        self.clock = Clock()
+        self.clock.advance(START)
+        queue = self.make_queue(deliver=Deliveries(self.clock, False))
+        queue.startService()
+        self.clock.advance(0)
+        other = self.make_queue(directory=self.directory)
+        self.queue = queue
+        self.successResultOf(other.put(make_object("x")))
+        self.advance(2 * INTERVAL)
+        self.assertEqual(len(self.names()), 1)
+        self.assertEqual(self.sample_of(queue, "dlq_files_current"), 0)
+
+    def sample_of(self, queue, name: str) -> float:
+        value = queue.metrics.registry.get_sample_value(name, {})
+        return 0.0 if value is None else value
