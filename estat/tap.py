@@ -704,6 +704,8 @@ def makeService(options, reactor=None, environ=None, argv=None):
         endpoint = AdoptedEndpoint(reactor, int(environ.get("ESTAT_LISTEN_FD", LISTEN_FD)))
         watch_supervisor(reactor, os.getppid())
     service = build_service(config, reactor, environ, endpoint)
+    if slot is not None and environ.get("ESTAT_METRICS_DIR"):
+        _share_metrics(service, config, reactor, slot, environ["ESTAT_METRICS_DIR"])
     if service.wal is not None:
         from .wal.files import WalInUse
 
@@ -716,6 +718,24 @@ def makeService(options, reactor=None, environ=None, argv=None):
             raise SystemExit(2)
     tune_interpreter()
     return service
+
+
+def _share_metrics(service: EstatService, config: Config, reactor, slot: int,
+                   directory: str) -> None:
+    """
+    A worker's part of one C{/metrics}: its snapshot in C{directory} every
+    second and after shutdown, and scrapes that merge every worker's.
+    """
+    from .workers.metrics import MetricsScrape, MetricsShare
+
+    registry = service.api.metrics.registry
+    run_in_thread = _run_in_thread(config, reactor)
+    share = MetricsShare(directory=directory, slot=slot, registry=registry, clock=reactor,
+                         run_in_thread=run_in_thread)
+    share.setServiceParent(service)
+    reactor.addSystemEventTrigger("after", "shutdown", share.write_final)
+    service.api.exposition = MetricsScrape(directory=directory, slot=slot, registry=registry,
+                                           run_in_thread=run_in_thread).exposition
 
 
 def build_supervisor(config: Config, reactor, workers: int, environ, argv: list):
@@ -743,6 +763,14 @@ def build_supervisor(config: Config, reactor, workers: int, environ, argv: list)
     # One instance name for the workers, each with its slot (-w<slot>).
     environ["INSTANCE_ID"] = (sanitize(config.instance_id) if config.instance_id
                               else default_instance_id(environ))
+    import shutil
+    import tempfile
+
+    from .workers.metrics import retire_snapshot
+
+    metrics_dir = tempfile.mkdtemp(prefix="estat-metrics-")
+    environ["ESTAT_METRICS_DIR"] = metrics_dir
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, metrics_dir, True)
     supervisor = Supervisor(
         spawn=twisted_spawner(reactor, worker_argv(sys.executable, list(argv)), environ,
                               listener.fileno()),
@@ -751,6 +779,7 @@ def build_supervisor(config: Config, reactor, workers: int, environ, argv: list)
         shutdown_timeout=config.shutdown_timeout + 10.0,
         on_exit=on_exit,
         listener=listener,
+        on_worker_exit=partial(retire_snapshot, metrics_dir),
     )
     supervisor.restore_sighup = _on_sighup(
         reactor, lambda: supervisor.signal_all(signal.SIGHUP))

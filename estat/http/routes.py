@@ -106,6 +106,10 @@ class IngestAPI:
     #: More ingest handlers: C{path -> handler or None} (the Segment API's
     #: L{estat.ingest.segment_api.SegmentAPI.handler_for}).
     handler_for: object = attr.ib(default=lambda path: None)
+    #: C{() -> bytes or Deferred[bytes]}: the C{/metrics} page; by default
+    #: C{metrics}' own registry (a worker of C{WORKERS=N} merges every
+    #: worker's: L{estat.workers.metrics.MetricsScrape}).
+    exposition: object = attr.ib(default=None)
 
     def resource(self):
         """
@@ -141,6 +145,8 @@ class IngestAPI:
         if request.method not in (b"GET", b"HEAD"):
             return _read_only(request)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self.exposition is not None:
+            return self.exposition()
         return self.metrics.exposition()
 
     @app.route("/openapi.json")

@@ -197,6 +197,14 @@ class SupervisorTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(exits, [137])
 
+    def test_a_worker_that_ended_is_reported_with_its_pid(self) -> None:
+        ended: list = []
+        s, spawner, clock, exits = supervisor(2, on_worker_exit=lambda slot, pid: ended.append(
+            (slot, pid)))
+        s.startService()
+        spawner.exit(1, signum=signal.SIGKILL)
+        self.assertEqual(ended, [(1, 102)])
+
     def test_sighup_goes_to_every_worker(self) -> None:
         s, spawner, clock, exits = supervisor(2)
         s.startService()

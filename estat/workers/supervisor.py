@@ -156,6 +156,9 @@ class Supervisor(Service):
     #: The listening socket the workers share (closed here when stopping,
     #: so that it closes for good when the last worker lets it go).
     listener = attr.ib(default=None)
+    #: C{(slot, pid) -> None}, called when a worker's process has ended
+    #: (the metrics snapshot of L{estat.workers.metrics} is retired).
+    on_worker_exit: Callable[[int, int], None] = attr.ib(default=lambda slot, pid: None)
 
     #: slot -> its current L{WorkerProtocol}, while it runs.
     live: dict = attr.ib(factory=dict, init=False)
@@ -185,7 +188,12 @@ class Supervisor(Service):
         self.spawn(slot, protocol)
 
     def _ended(self, slot: int, status: int) -> None:
-        self.live.pop(slot, None)
+        protocol = self.live.pop(slot, None)
+        if protocol is not None and protocol.pid is not None:
+            try:
+                self.on_worker_exit(slot, protocol.pid)
+            except Exception:
+                self.log.failure("after worker {slot} ended", slot=slot)
         if self.stopping:
             if status != 0:
                 self.log.error("worker {slot} stopped with status {status}",
