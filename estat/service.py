@@ -151,6 +151,11 @@ class EstatService(MultiService):
     async def _stop_in_order(self) -> None:
         self.log.info("shutting down (deadline {timeout}s)", timeout=self.shutdown_timeout)
         self.readiness.ready = False
+        if self.wal is not None:
+            # Stopped while starting: the log's replay comes first, so that
+            # what it holds is drained and stored now, as on any stop, not
+            # left for the next start.
+            await self.wal.when_open()
         checking = getattr(self, "_checking", None)
         if checking is not None and not checking.called:
             checking.cancel()  # no start-up work outlives the service

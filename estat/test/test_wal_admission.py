@@ -483,3 +483,45 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
         self.assertEqual(len(self.stored_ids()), 3)
 
 
+
+    def test_a_stop_while_the_log_opens_replays_it_first(self) -> None:
+        """
+        SIGTERM while the log is still being recovered (a worker stopped
+        just after it was restarted): the replay runs before the drain, so
+        what the log holds is stored by this stop, not left for a next start.
+        """
+        from estat.dlq import DiskDeadLetterQueue
+        from estat.service import EstatService, Readiness
+        from estat.test.test_service import StubListener
+
+        self.pipeline()
+        directory = temp_dir(self)
+        runner = DeferredThreadRunner()
+        committers = []
+
+        def factory(*args, **kw):
+            committers.append(ManualCommitter(*args, **kw))
+            return committers[-1]
+
+        wal = WriteAheadLog(directory=os.path.join(directory, "wal"), metrics=self.metrics,
+                            clock=self.clock, call_from_thread=lambda f, *a: f(*a),
+                            run_in_thread=runner, committer_factory=factory)
+        dlq = DiskDeadLetterQueue(directory=os.path.join(directory, "dlq"), metrics=self.metrics,
+                                  clock=self.clock, run_in_thread=run_synchronously)
+        order = []
+        http = StubListener(lambda: order.append("http"))
+        service = EstatService(http=http, batcher=self.batcher, uploader=self.uploader,
+                               dead_letters=dlq, queue=self.queue, store=self.store,
+                               readiness=Readiness(ready=False), metrics=self.metrics,
+                               clock=self.clock, wal=wal,
+                               replays=[lambda r: order.append("replay") or "collect"])
+        with capturedLogs():
+            service.startService()
+            d = service.stopService()
+            self.assertEqual(order, [])
+            for _ in range(5):
+                runner.run_all()
+                for committer in committers:
+                    committer.flush()
+        self.successResultOf(d)
+        self.assertEqual(order, ["replay", "http"])
