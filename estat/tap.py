@@ -703,6 +703,10 @@ def makeService(options, reactor=None, environ=None, argv=None):
         config = worker_config(config, slot, instance)
         endpoint = AdoptedEndpoint(reactor, int(environ.get("ESTAT_LISTEN_FD", LISTEN_FD)))
         watch_supervisor(reactor, os.getppid())
+        if environ.get("ESTAT_READY_FD"):
+            from .workers.worker import tell_ready
+
+            tell_ready(reactor, int(environ["ESTAT_READY_FD"]))
     service = build_service(config, reactor, environ, endpoint)
     if slot is not None and environ.get("ESTAT_METRICS_DIR"):
         _share_metrics(service, config, reactor, slot, environ["ESTAT_METRICS_DIR"])

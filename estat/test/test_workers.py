@@ -22,6 +22,7 @@ from estat.workers.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     LISTEN_FD,
+    READY_FD,
     Supervisor,
     WorkerProtocol,
     bind_listener,
@@ -50,11 +51,15 @@ class FakeSpawner:
         self.protocols: dict = {}
         self._pid = 100
 
+    ready = True
+
     def __call__(self, slot: int, protocol: WorkerProtocol) -> None:
         self._pid += 1
         protocol.makeConnection(FakeTransport(self._pid))
         self.spawned.append((slot, self._pid))
         self.protocols[slot] = protocol
+        if self.ready:
+            protocol.childDataReceived(READY_FD, b"ready\n")
 
     def exit(self, slot: int, status: int = 0, signum: int | None = None) -> None:
         protocol = self.protocols.pop(slot)
@@ -205,6 +210,35 @@ class SupervisorTests(SynchronousTestCase):
         spawner.exit(1, signum=signal.SIGKILL)
         self.assertEqual(ended, [(1, 102)])
 
+    def test_a_starting_worker_is_stopped_once_it_runs(self) -> None:
+        """
+        A worker still starting (its signal handlers not yet in place) gets
+        no SIGTERM or SIGHUP until it says it runs.
+        """
+        s, spawner, clock, exits = supervisor(1)
+        spawner.ready = False
+        s.startService()
+        protocol = spawner.protocols[0]
+        s.signal_all(signal.SIGHUP)
+        d = s.stopService()
+        self.assertEqual(protocol.transport.signals, [])
+        protocol.childDataReceived(READY_FD, b"ready\n")
+        self.assertEqual(protocol.transport.signals, [signal.SIGTERM])
+        spawner.exit(0)
+        self.successResultOf(d)
+        self.assertEqual(exits, [0])
+
+    def test_a_worker_that_never_runs_is_killed(self) -> None:
+        s, spawner, clock, exits = supervisor(1, shutdown_timeout=5.0)
+        spawner.ready = False
+        s.startService()
+        d = s.stopService()
+        clock.advance(5.0)
+        self.assertEqual(spawner.protocols[0].transport.signals, [signal.SIGKILL])
+        spawner.exit(0, signum=signal.SIGKILL)
+        self.successResultOf(d)
+        self.assertEqual(exits, [137])
+
     def test_sighup_goes_to_every_worker(self) -> None:
         s, spawner, clock, exits = supervisor(2)
         s.startService()
@@ -312,7 +346,8 @@ class WorkerHelpersTests(SynchronousTestCase):
     def test_environment(self) -> None:
         env = worker_environment({"A": "1"}, 3)
         self.assertEqual(env, {"A": "1", "ESTAT_WORKER_SLOT": "3",
-                               "ESTAT_LISTEN_FD": str(LISTEN_FD)})
+                               "ESTAT_LISTEN_FD": str(LISTEN_FD),
+                               "ESTAT_READY_FD": str(READY_FD)})
 
     def test_slot(self) -> None:
         self.assertIsNone(worker_slot({}))

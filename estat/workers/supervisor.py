@@ -44,6 +44,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 #: The descriptor number of the listening socket in a worker.
 LISTEN_FD = 3
+#: The descriptor a worker writes to once its reactor runs (and so its
+#: signal handlers are in place).
+READY_FD = 4
 
 
 def bind_listener(description: str) -> socket.socket:
@@ -107,13 +110,23 @@ class WorkerProtocol(ProcessProtocol):
     One worker process: tells the supervisor when it ended.
     """
 
-    def __init__(self, slot: int, ended: Callable[[int, int], None]) -> None:
+    def __init__(self, slot: int, ended: Callable[[int, int], None],
+                 became_ready: Callable[[int], None] = lambda slot: None) -> None:
         self.slot = slot
         self._ended = ended
+        self._became_ready = became_ready
         self.pid: int | None = None
+        #: The worker's reactor runs: it handles SIGTERM and SIGHUP (before
+        #: that, either signal would end it at once, draining nothing).
+        self.ready = False
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == READY_FD and data and not self.ready:
+            self.ready = True
+            self._became_ready(self.slot)
 
     def processEnded(self, reason) -> None:
         value = reason.value
@@ -183,7 +196,7 @@ class Supervisor(Service):
         self._pending.pop(slot, None)
         if self.stopping:
             return
-        protocol = WorkerProtocol(slot, self._ended)
+        protocol = WorkerProtocol(slot, self._ended, self._ready)
         self.live[slot] = protocol
         self.spawn(slot, protocol)
 
@@ -225,11 +238,24 @@ class Supervisor(Service):
                       delay=delay, restarts=self.restarts)
         self._pending[slot] = self.clock.callLater(delay, self._start, slot)
 
+    def _ready(self, slot: int) -> None:
+        if self.stopping:
+            # Asked to stop while it was starting: now it can drain.
+            self._signal(self.live.get(slot), signal.SIGTERM)
+
     def signal_all(self, signum: int) -> None:
         """
         Send C{signum} to every running worker (C{SIGHUP} is passed on).
+        A worker still starting gets no signal but C{SIGKILL}: it reads the
+        current files when it starts, and L{_ready} passes a stop on.
         """
         for protocol in list(self.live.values()):
+            if protocol.ready or signum == signal.SIGKILL:
+                self._signal(protocol, signum)
+
+    @staticmethod
+    def _signal(protocol, signum: int) -> None:
+        if protocol is not None:
             try:
                 protocol.transport.signalProcess(signum)
             except Exception:  # the process is gone: processEnded follows
@@ -296,6 +322,7 @@ def worker_environment(environ: dict, slot: int) -> dict:
     env = dict(environ)
     env["ESTAT_WORKER_SLOT"] = str(slot)
     env["ESTAT_LISTEN_FD"] = str(LISTEN_FD)
+    env["ESTAT_READY_FD"] = str(READY_FD)
     return env
 
 
@@ -305,13 +332,14 @@ def twisted_spawner(reactor, argv: list, environ: dict, listen_fd: int,
     C{(slot, protocol) -> None} that starts C{argv} as worker C{slot} with
     C{reactor.spawnProcess}: standard input a pipe from the supervisor
     (end-of-file when it dies), standard output and error shared, the
-    listening socket as descriptor L{LISTEN_FD}.
+    listening socket as descriptor L{LISTEN_FD}, a pipe to the supervisor
+    as L{READY_FD} (the worker says it runs).
     """
 
     def spawn(slot: int, protocol: WorkerProtocol) -> None:
         reactor.spawnProcess(
             protocol, argv[0], argv, env=worker_environment(environ, slot), path=path,
-            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: listen_fd})
+            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: listen_fd, READY_FD: "r"})
 
     return spawn
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from ..config import Config
 
-__all__ = ["worker_slot", "worker_config", "watch_supervisor"]
+__all__ = ["worker_slot", "worker_config", "watch_supervisor", "tell_ready"]
 
 log = Logger()
 
@@ -101,3 +101,19 @@ def watch_supervisor(reactor, supervisor_pid: int, fd: int = 0) -> None:
         return
     os.set_blocking(fd, False)
     _SupervisorPipe(reactor, fd, gone).startReading()
+
+
+def tell_ready(reactor, fd: int) -> None:
+    """
+    Once the reactor runs (its signal handlers are in place), tell the
+    supervisor on C{fd}: from then on it may send C{SIGTERM} and C{SIGHUP}.
+    """
+
+    def ready() -> None:
+        try:
+            os.write(fd, b"ready\n")
+            os.close(fd)
+        except OSError as e:
+            log.warn("could not tell the supervisor this worker runs: {error}", error=str(e))
+
+    reactor.callWhenRunning(ready)
