@@ -768,11 +768,10 @@ def build_supervisor(config: Config, reactor, workers: int, environ, argv: list)
     environ["INSTANCE_ID"] = (sanitize(config.instance_id) if config.instance_id
                               else default_instance_id(environ))
     import shutil
-    import tempfile
 
-    from .workers.metrics import retire_snapshot
+    from .workers.metrics import make_directory, retire_snapshot
 
-    metrics_dir = tempfile.mkdtemp(prefix="estat-metrics-")
+    metrics_dir = make_directory()
     environ["ESTAT_METRICS_DIR"] = metrics_dir
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, metrics_dir, True)
     supervisor = Supervisor(

@@ -133,6 +133,19 @@ class FilesTests(SynchronousTestCase):
             f.write("x")
         self.assertEqual(read_snapshots(self.directory, skip_pid=1), [])
 
+    def test_make_directory_removes_those_of_dead_supervisors(self) -> None:
+        from estat.workers.metrics import make_directory
+
+        dead = os.path.join(self.directory, "estat-metrics-999999999-abc")
+        live = os.path.join(self.directory, f"estat-metrics-{os.getppid()}-abc")
+        other = os.path.join(self.directory, "unrelated")
+        for path in (dead, live, other):
+            os.makedirs(path)
+        made = make_directory(self.directory, pid=os.getpid())
+        self.assertTrue(os.path.basename(made).startswith(f"estat-metrics-{os.getpid()}-"))
+        self.assertEqual(sorted(os.listdir(self.directory)),
+                         sorted([os.path.basename(made), os.path.basename(live), "unrelated"]))
+
     def test_retiring_a_missing_file_is_fine(self) -> None:
         retire_snapshot(self.directory, 0, 12345)
 
@@ -169,15 +182,23 @@ class ShareAndScrapeTests(SynchronousTestCase):
         [samples] = [s for name, _, _, s in families if name == "http_requests"]
         return sum(v for n, _, v in samples if n == "http_requests_total")
 
-    def test_scrape_merges_the_live_registry_with_the_files(self) -> None:
+    def test_scrape_counts_from_the_files_and_gauges_from_the_registry(self) -> None:
+        """
+        Counts come from every file, this worker's included (so that they
+        never go down between scrapes answered by different workers); this
+        worker's gauges are read live.
+        """
         mine, theirs = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
         theirs.http_requests.inc(4)
         write_snapshot(self.directory, 1, 501, json.dumps(snapshot(theirs.registry)).encode())
-        # A stale file of this very process is not counted twice.
         mine.http_requests.inc(1)
+        mine.event_queue_depth.set(1)
         write_snapshot(self.directory, 0, 500, json.dumps(snapshot(mine.registry)).encode())
         mine.http_requests.inc(1)
+        mine.event_queue_depth.set(7)
         scrape = MetricsScrape(directory=self.directory, slot=0, registry=mine.registry,
                                run_in_thread=run_synchronously, pid=500)
         samples = parse_metrics(self.successResultOf(scrape.exposition()).decode())
-        self.assertEqual(samples["http_requests_total"], 6)
+        self.assertEqual(samples["http_requests_total"], 5)
+        self.assertEqual(samples['event_queue_depth{worker="0"}'], 7)
+        self.assertEqual(len([k for k in samples if k.startswith("event_queue_depth")]), 2)

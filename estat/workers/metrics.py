@@ -9,9 +9,12 @@ JSON) to C{<slot>-<pid>.json} in a private directory the supervisor makes
 C{dead-<slot>-<pid>.json} (L{retire_snapshot}), and it stays: what a killed
 worker counted is never forgotten, so a counter never goes down.
 
-A scrape (L{MetricsScrape}) takes the answering worker's own registry as it
-is now and the other files as last written, and merges them
-(L{merge_snapshots}):
+A scrape (L{MetricsScrape}) takes every file as last written, the
+answering worker's own included, for the counts, and the answering
+worker's registry as it is now for its gauges, and merges them
+(L{merge_snapshots}).  Counting from the files only keeps every counter
+monotonic from one scrape to the next whichever worker answers each (a
+worker's live counts are ahead of its file by up to a second):
 
   - counters, histograms and summaries: summed over every worker, live and
     dead (a C{_created} sample: the earliest);
@@ -39,7 +42,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["SHARED_GAUGES", "snapshot", "merge_snapshots", "render", "MetricsShare",
+__all__ = ["make_directory", "SHARED_GAUGES", "snapshot", "merge_snapshots", "render", "MetricsShare",
            "MetricsScrape", "retire_snapshot", "read_snapshots"]
 
 #: Gauges of state the workers share: given once, not per worker.
@@ -79,6 +82,37 @@ def _parse_name(name: str) -> tuple[bool, int, int] | None:
         return None
 
 
+def make_directory(parent: str | None = None, pid: int | None = None) -> str:
+    """
+    The supervisor's private directory of snapshots,
+    C{estat-metrics-<pid>-<random>} in the temporary directory; those of
+    supervisors that are gone (killed before they could remove theirs) are
+    removed first.
+    """
+    import shutil
+    import tempfile
+
+    parent = parent or tempfile.gettempdir()
+    pid = os.getpid() if pid is None else pid
+    for name in os.listdir(parent):
+        if not name.startswith("estat-metrics-"):
+            continue
+        owner = name[len("estat-metrics-"):].split("-", 1)[0]
+        if owner.isdigit() and int(owner) != pid and not _running(int(owner)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"estat-metrics-{pid}-", dir=parent)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_snapshot(directory: str, slot: int, pid: int, data: bytes) -> None:
     """
     Replace this worker's snapshot file with C{data} atomically (blocking:
@@ -102,11 +136,13 @@ def retire_snapshot(directory: str, slot: int, pid: int) -> None:
         pass
 
 
-def read_snapshots(directory: str, skip_pid: int) -> list:
+def read_snapshots(directory: str, skip_pid: int | None = None,
+                   own_pid: int | None = None) -> list:
     """
     C{[(live, slot, families), ...]} of every snapshot in C{directory} but
-    C{skip_pid}'s (blocking).  A file renamed between the listing and the
-    read is read under its new name.
+    C{skip_pid}'s (blocking); C{own_pid}'s is given as not live (its gauges
+    come from the registry itself).  A file renamed between the listing and
+    the read is read under its new name.
     """
     out = []
     for name in sorted(os.listdir(directory)):
@@ -125,15 +161,16 @@ def read_snapshots(directory: str, skip_pid: int) -> list:
                 continue
             except ValueError:
                 break
-            out.append((live and candidate == name, slot, families))
+            out.append((live and candidate == name and pid != own_pid, slot, families))
             break
     return out
 
 
-def merge_snapshots(own_slot: int, own: list, others: list) -> list:
+def merge_snapshots(own_slot: int, own: list, others: list, own_counts: bool = True) -> list:
     """
     One set of families from this worker's C{own} snapshot and the
-    C{others} (as L{read_snapshots} gives them).
+    C{others} (as L{read_snapshots} gives them).  Without C{own_counts},
+    C{own} gives gauges only (its counts are in C{others}, from its file).
     """
     families: dict = {}
     order: list = []
@@ -151,6 +188,8 @@ def merge_snapshots(own_slot: int, own: list, others: list) -> list:
         for name, kind, documentation, samples in snapshot_families:
             kind_, _, values = family(name, kind, documentation)
             if kind_ in _SUMMED:
+                if is_own and not own_counts:
+                    continue
                 for sample, labels, value in samples:
                     key = (sample, tuple(sorted(labels.items())))
                     if value is None:
@@ -276,5 +315,5 @@ class MetricsScrape:
         return self.run_in_thread(self._merged, own)
 
     def _merged(self, own: list) -> bytes:
-        others = read_snapshots(self.directory, self.pid)
-        return render(merge_snapshots(self.slot, own, others))
+        files = read_snapshots(self.directory, own_pid=self.pid)
+        return render(merge_snapshots(self.slot, own, files, own_counts=False))
