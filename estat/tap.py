@@ -747,11 +747,11 @@ def build_supervisor(config: Config, reactor, workers: int, environ, argv: list)
     C{WORKERS=N} (N > 1): the supervisor, which binds C{HTTP_ADDR} and
     starts N copies of this command as workers (L{estat.workers}).
     """
-    from .workers.supervisor import (Supervisor, bind_listener, exit_with, twisted_spawner,
+    from .workers.supervisor import (Supervisor, bind_listeners, exit_with, twisted_spawner,
                                      worker_argv)
 
     try:
-        listener = bind_listener(with_backlog(config.http_addr))
+        listeners = bind_listeners(with_backlog(config.http_addr), workers)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"estat: WORKERS={workers}: cannot listen on {config.http_addr}: {e}\n")
         raise SystemExit(2)
@@ -776,12 +776,12 @@ def build_supervisor(config: Config, reactor, workers: int, environ, argv: list)
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, metrics_dir, True)
     supervisor = Supervisor(
         spawn=twisted_spawner(reactor, worker_argv(sys.executable, list(argv)), environ,
-                              listener.fileno()),
+                              [listener.fileno() for listener in listeners]),
         clock=reactor,
         count=workers,
         shutdown_timeout=config.shutdown_timeout + 10.0,
         on_exit=on_exit,
-        listener=listener,
+        listeners=listeners,
         on_worker_exit=partial(retire_snapshot, metrics_dir),
     )
     supervisor.restore_sighup = _on_sighup(

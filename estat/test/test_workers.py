@@ -26,6 +26,7 @@ from estat.workers.supervisor import (
     Supervisor,
     WorkerProtocol,
     bind_listener,
+    bind_listeners,
     worker_argv,
     worker_environment,
 )
@@ -145,11 +146,11 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn(0, s.live)
 
     def test_stop_terms_every_worker_and_exits_0(self) -> None:
-        listener = socket.socket()
-        s, spawner, clock, exits = supervisor(2, listener=listener)
+        listeners = [socket.socket(), socket.socket()]
+        s, spawner, clock, exits = supervisor(2, listeners=listeners)
         s.startService()
         d = s.stopService()
-        self.assertEqual(listener.fileno(), -1)
+        self.assertEqual([listener.fileno() for listener in listeners], [-1, -1])
         for slot in (0, 1):
             self.assertEqual(spawner.protocols[slot].transport.signals, [signal.SIGTERM])
         self.assertNoResult(d)
@@ -330,6 +331,35 @@ class ListenerTests(SynchronousTestCase):
         self.addCleanup(sock.close)
         self.assertEqual(sock.family, socket.AF_INET6)
         self.assertEqual(sock.getsockname()[0], "::1")
+
+    def test_one_socket_per_slot_on_one_port(self) -> None:
+        """
+        With port 0, the first socket's port is the others' too; the kernel
+        hands connections to all of them.
+        """
+        sockets = bind_listeners("tcp:0:interface=127.0.0.1", 3)
+        for sock in sockets:
+            self.addCleanup(sock.close)
+        ports = {sock.getsockname()[1] for sock in sockets}
+        self.assertEqual(len(ports), 1)
+        [port] = ports
+        for sock in sockets:
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        import select
+
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+        for c in clients:
+            self.addCleanup(c.close)
+        readable, _, _ = select.select(sockets, [], [], 1.0)
+        self.assertGreater(len(readable), 1)
+
+    def test_a_port_in_use_is_refused(self) -> None:
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with self.assertRaises(OSError):
+            bind_listeners(f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1", 2)
 
     def test_refuses_other_endpoints(self) -> None:
         with self.assertRaises(ValueError):
