@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/tables.py --out bench/RESULTS.md $(TABLES_ARGS)
 	$(BIN)/python bench/encoders.py
 	$(BIN)/python bench/validators.py
+	$(BIN)/python bench/workers.py --out bench/RESULTS.md
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
