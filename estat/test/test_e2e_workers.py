@@ -33,6 +33,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -677,3 +678,40 @@ def test_one_metrics_summed_over_workers(start):
         never_down(scrape(estat.port))
     estat.terminate()
     assert estat.wait(SHUTDOWN_TIMEOUT + 12) == 0, estat.log_tail()
+
+
+def test_healthz_and_readyz_while_the_supervisor_drains(start):
+    """
+    Each worker answers C{/healthz} 200 while it serves; once the
+    supervisor is told to stop, a request begun on a worker's connection
+    gets C{/readyz} 503 (every worker drains), and nothing listens after.
+    """
+    tracked = start({"WORKERS": "2", "SHUTDOWN_TIMEOUT": "20s"})
+    tracked.wait_workers(2)
+    estat = tracked.estat
+    sockets = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection((LOOPBACK, estat.port), timeout=10)
+            # A request begun: the drain waits for its answer.
+            s.sendall(b"GET /readyz HTTP/1.1\r\n")
+            sockets.append(s)
+        for _ in range(10):
+            assert estat.get("/healthz")[0] == 200
+        estat.terminate()
+        estat.wait_log("shutting down", count=2)
+        statuses = []
+        for s in sockets:
+            s.sendall(b"Host: estat\r\n\r\n")
+            response = http.client.HTTPResponse(s)
+            response.begin()
+            body = response.read()
+            statuses.append(response.status)
+            assert b"shutting down" in body
+        assert statuses == [503] * len(sockets)
+    finally:
+        for s in sockets:
+            s.close()
+    with pytest.raises(OSError):
+        estat.get("/readyz", timeout=2)
+    assert estat.wait(30) == 0, estat.log_tail()
