@@ -424,6 +424,23 @@ class SettleTests(SynchronousTestCase):
 
 
 class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
+    def wal_on(self, directory: str):
+        """
+        C{(wal, runner, committers)}: a log in C{directory}/wal whose
+        recovery runs when C{runner} says and whose commits are manual.
+        """
+        runner = DeferredThreadRunner()
+        committers = []
+
+        def factory(*args, **kw):
+            committers.append(ManualCommitter(*args, **kw))
+            return committers[-1]
+
+        wal = WriteAheadLog(directory=os.path.join(directory, "wal"), metrics=self.metrics,
+                            clock=self.clock, call_from_thread=lambda f, *a: f(*a),
+                            run_in_thread=runner, committer_factory=factory)
+        return wal, runner, committers
+
     def test_ready_after_replay_and_the_log_stops_last(self) -> None:
         """
         /readyz turns 200 only once the log is recovered and its events are
@@ -437,16 +454,7 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
 
         self.pipeline()
         directory = temp_dir(self)
-        runner = DeferredThreadRunner()
-        committers = []
-
-        def factory(*args, **kw):
-            committers.append(ManualCommitter(*args, **kw))
-            return committers[-1]
-
-        wal = WriteAheadLog(directory=os.path.join(directory, "wal"), metrics=self.metrics,
-                            clock=self.clock, call_from_thread=lambda f, *a: f(*a),
-                            run_in_thread=runner, committer_factory=factory)
+        wal, runner, committers = self.wal_on(directory)
         admission = WalAdmission(wal=wal, queue=self.queue, upload=self.uploader.upload,
                                  key_maker=self.keys, metrics=self.metrics)
         self.batcher.sink = admission.sink
@@ -496,16 +504,7 @@ class ServiceWithWalTests(PipelineMixin, SynchronousTestCase):
 
         self.pipeline()
         directory = temp_dir(self)
-        runner = DeferredThreadRunner()
-        committers = []
-
-        def factory(*args, **kw):
-            committers.append(ManualCommitter(*args, **kw))
-            return committers[-1]
-
-        wal = WriteAheadLog(directory=os.path.join(directory, "wal"), metrics=self.metrics,
-                            clock=self.clock, call_from_thread=lambda f, *a: f(*a),
-                            run_in_thread=runner, committer_factory=factory)
+        wal, runner, committers = self.wal_on(directory)
         dlq = DiskDeadLetterQueue(directory=os.path.join(directory, "dlq"), metrics=self.metrics,
                                   clock=self.clock, run_in_thread=run_synchronously)
         order = []
