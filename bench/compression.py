@@ -44,6 +44,7 @@ import orjson  # noqa: E402
 
 import estat.encoder  # noqa: E402
 from estat.event import format_received_at, make_line  # noqa: E402
+from sections import write_section  # noqa: E402
 
 try:
     from zlib_ng import zlib_ng
@@ -339,7 +340,7 @@ def main() -> int:
     print()
     print(text)
     if args.out != "-":
-        write_section(args.out, text)
+        write_section(args.out, text, SECTION)
     return 0
 
 
@@ -427,25 +428,6 @@ def render(rows, gil_rows, args, big_len, small_bytes, small_count, sizes) -> st
         lines.append(f"| {name} | {per_call * 1e3:.1f} | {latest * 1e3:.2f} | {p99 * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
-
-def write_section(path: str, text: str) -> None:
-    """
-    Replace (or append) the Compression section of C{path}, keeping the rest.
-    """
-    try:
-        with open(path) as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    start = old.find("\n" + SECTION + "\n")
-    if start == -1:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    else:
-        end = old.find("\n## ", start + 1)
-        rest = old[end:] if end != -1 else ""
-        new = old[:start + 1] + text + rest
-    with open(path, "w") as f:
-        f.write(new)
 
 
 if __name__ == "__main__":

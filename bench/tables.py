@@ -53,6 +53,7 @@ from estat.encode.parquet import ParquetEncoder  # noqa: E402
 from estat.encoder import Batch  # noqa: E402
 from estat.event import format_received_at, make_line  # noqa: E402
 from estat.schema.columns import collect_table  # noqa: E402
+from sections import write_section  # noqa: E402
 
 SECTION = "## Tables (Parquet vs JSON Lines)"
 SCHEMA = os.path.join(HERE, "schemas", "bench-event.json")
@@ -291,7 +292,7 @@ def main() -> int:
     text = render(stats, queries, args, total)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, SECTION)
     return 0
 
 
@@ -366,27 +367,6 @@ def render(stats, queries, args, total) -> str:
     out.append("")
     return "\n".join(out)
 
-
-def write_section(path: str, text: str) -> None:
-    """
-    Replace (or append) this bench's section of C{path}, keeping the rest.
-    """
-    try:
-        with open(path) as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    if old.startswith(SECTION + "\n"):
-        old = "\n" + old
-    start = old.find("\n" + SECTION + "\n")
-    if start == -1:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    else:
-        end = old.find("\n## ", start + 1)
-        rest = old[end:] if end != -1 else ""
-        new = old[:start + 1] + text + rest
-    with open(path, "w") as f:
-        f.write(new.lstrip("\n") if not old.strip() else new)
 
 
 if __name__ == "__main__":

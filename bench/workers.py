@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import run  # noqa: E402  (bench/run.py: its server, wrk and /proc helpers)
 from estat.test.harness import free_port, wait_until  # noqa: E402
+from sections import write_section  # noqa: E402
 
 SECTION = "## Workers (WORKERS=N, issue 19)"
 CONNECTIONS = 64
@@ -381,27 +382,6 @@ def pct(v: float) -> str:
     return f"{v * 100:.0f} %"
 
 
-def write_section(path: str, text: str) -> None:
-    """
-    Replace (or append) this bench's section of C{path}, keeping the rest
-    (as bench/tables.py does).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    if old.startswith(SECTION + "\n"):
-        old = "\n" + old
-    start = old.find("\n" + SECTION + "\n")
-    if start == -1:
-        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + text
-    else:
-        end = old.find("\n## ", start + 1)
-        new = old[:start + 1] + text + (old[end:] if end != -1 else "")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new.lstrip("\n").rstrip("\n") + "\n")
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -610,7 +590,7 @@ def main() -> int:
     say("")
     say(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, SECTION)
         say(f"written to {args.out}")
     return 0
 
