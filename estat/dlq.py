@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .encoder import EncodedObject, content_md5
-from .fsutil import TEMP_PREFIX, atomic_write
+from .fsutil import TEMP_PREFIX, atomic_write, process_running
 from .interfaces import IDeadLetterQueue
 from .metrics import Metrics
 
@@ -616,18 +616,9 @@ def _writer_alive(name: str) -> bool:
     """
     pid_text = name[len(TEMP_PREFIX):].split("-", 1)[0]
     try:
-        pid = int(pid_text)
+        return process_running(int(pid_text))
     except ValueError:
         return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _count_events_fd(fd: int) -> int:

@@ -7,10 +7,26 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TEMP_PREFIX", "atomic_write", "fsync_directory"]
+__all__ = ["TEMP_PREFIX", "atomic_write", "fsync_directory", "process_running"]
 
 #: Files whose names start with this are unfinished writes.
 TEMP_PREFIX = ".tmp-"
+
+
+def process_running(pid: int) -> bool:
+    """
+    Whether process C{pid} exists (the writer of a temporary file, the
+    owner of a directory), without blocking.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_directory(path: str) -> None:

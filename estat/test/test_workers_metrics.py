@@ -176,6 +176,31 @@ class ShareAndScrapeTests(SynchronousTestCase):
         share.write_final()
         self.assertEqual(self.requests_in(path), 5)
 
+    def test_a_failed_write_is_logged_and_the_next_one_tried(self) -> None:
+        """
+        The directory gone (removed under a running worker): each write
+        logs why, nothing raises, and the loop goes on.
+        """
+        from twisted.internet.defer import maybeDeferred
+        from twisted.logger import capturedLogs
+
+        metrics = Metrics(CollectorRegistry())
+        missing = os.path.join(self.directory, "gone")
+        share = MetricsShare(directory=missing, slot=0, registry=metrics.registry,
+                             clock=self.clock, pid=4243,
+                             run_in_thread=lambda f, *a: maybeDeferred(f, *a))
+        with capturedLogs() as events:
+            share.startService()
+            self.clock.advance(1)
+            share.write_final()
+        failures = [e for e in events if "metrics snapshot" in e.get("log_format", "")]
+        self.assertEqual(len(failures), 3, [e.get("log_format") for e in events])
+        self.flushLoggedErrors(FileNotFoundError)
+        os.makedirs(missing)
+        self.clock.advance(1)
+        self.assertTrue(os.path.exists(os.path.join(missing, "0-4243.json")))
+        share.stopService()
+
     def requests_in(self, path: str) -> float:
         with open(path) as f:
             families = json.load(f)

@@ -42,6 +42,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..fsutil import process_running
+
 __all__ = ["make_directory", "SHARED_GAUGES", "snapshot", "merge_snapshots", "render", "MetricsShare",
            "MetricsScrape", "retire_snapshot", "read_snapshots"]
 
@@ -98,19 +100,9 @@ def make_directory(parent: str | None = None, pid: int | None = None) -> str:
         if not name.startswith("estat-metrics-"):
             continue
         owner = name[len("estat-metrics-"):].split("-", 1)[0]
-        if owner.isdigit() and int(owner) != pid and not _running(int(owner)):
+        if owner.isdigit() and int(owner) != pid and not process_running(int(owner)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"estat-metrics-{pid}-", dir=parent)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_snapshot(directory: str, slot: int, pid: int, data: bytes) -> None:
@@ -258,18 +250,20 @@ class MetricsShare(Service):
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)
 
-    def _data(self) -> bytes:
-        return json.dumps(snapshot(self.registry)).encode("utf-8")
+    def _write(self, families: list) -> None:
+        write_snapshot(self.directory, self.slot, self.pid,
+                       json.dumps(families).encode("utf-8"))
 
     def write(self) -> Deferred:
         """
-        Write a snapshot now (in a thread), unless one is being written.
+        Write a snapshot now, unless one is being written: the registry is
+        read here, on the reactor thread (its hot counters have no lock),
+        and encoded and written in a thread.
         """
         if self._writing is not None:
             return succeed(None)
-        data = self._data()
-        d = self._writing = self.run_in_thread(write_snapshot, self.directory, self.slot,
-                                               self.pid, data)
+        families = snapshot(self.registry)
+        d = self._writing = self.run_in_thread(self._write, families)
 
         def done(result):
             self._writing = None
@@ -286,7 +280,7 @@ class MetricsShare(Service):
         reactor's work is done).
         """
         try:
-            write_snapshot(self.directory, self.slot, self.pid, self._data())
+            self._write(snapshot(self.registry))
         except OSError as e:
             self.log.error("could not write the last metrics snapshot: {error}", error=str(e))
 
