@@ -390,3 +390,47 @@ class WorkerHelpersTests(SynchronousTestCase):
         self.assertEqual(config.instance_id, "host-ab-w1")
         self.assertEqual(config.dlq_dir, "/d")
         self.assertEqual(config.worker_slot, 1)
+
+
+class BuildSupervisorTests(SynchronousTestCase):
+
+    def test_a_port_in_use_stops_start_up_with_the_reason(self) -> None:
+        """
+        WORKERS=2 on a port another process holds: the supervisor does not
+        start; it exits 2 and says which address and why.
+        """
+        import io
+        import sys
+
+        from twisted.internet.testing import MemoryReactor
+
+        from estat.config import parse_http_addr
+        from estat.tap import build_supervisor
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = Config.defaults(http_addr=parse_http_addr(address), workers=2)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as e:
+            build_supervisor(config, MemoryReactor(), 2, {}, ["twistd", "estat"])
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn(f"WORKERS=2: cannot listen on {config.http_addr}", stderr.getvalue())
+
+    def test_a_non_tcp_address_is_refused(self) -> None:
+        import io
+        import sys
+
+        from twisted.internet.testing import MemoryReactor
+
+        from estat.tap import build_supervisor
+
+        config = Config.defaults(http_addr="unix:/tmp/estat-test.sock", workers=2)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            build_supervisor(config, MemoryReactor(), 2, {}, ["twistd", "estat"])
+        self.assertIn("needs a TCP HTTP_ADDR", stderr.getvalue())
