@@ -8,6 +8,13 @@ metrics.  A stable figure to compare hot-path changes on a busy machine,
 where wrk figures swing with whatever else runs.
 
     python bench/hotpath.py [--requests 50000] [--profile]
+    python bench/hotpath.py --instructions   # per request, under valgrind
+
+--instructions counts user-space instructions (callgrind's Ir) per request:
+two runs of this script under valgrind that differ only in how many requests
+they send, so start-up and imports cancel out; once for the whole path and
+once with --stub (the protocol alone), the core being the difference.
+Immune to what else the machine runs.
 """
 
 from __future__ import annotations
@@ -84,7 +91,12 @@ def main() -> int:
                         help="a tracking plan (SCHEMAS) for the core, its bad rows on a queue")
     parser.add_argument("--stub", action="store_true",
                         help="a handler that answers at once: the protocol alone")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions per request under valgrind: whole path and protocol")
+    parser.add_argument("--only-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.instructions:
+        return instructions(args)
     rng = random.Random(7)
     bodies = [event(rng, n) for n in range(2000)]
     if args.batch > 1:
@@ -110,14 +122,14 @@ def main() -> int:
 
         core.validation = EventValidation(load_plan(args.plan), metrics)
         core.bad_admission = QueueAdmission(EventQueue(1_000_000))
-    handler = core.collect
+    handler = core.handle
     if args.stub:
         from estat.ingest.core import Answer
 
         answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
 
         def stub(request, respond):
-            respond(answer)
+            return answer
 
         handler = stub
     factory = FastHTTPFactory(routes={b"/collect": handler}, resource=Resource(),
@@ -135,6 +147,9 @@ def main() -> int:
         return time.process_time() - started
 
     run(200)
+    if args.only_run:
+        run(args.requests)
+        return 0
     if args.profile:
         import cProfile
         import pstats
@@ -150,6 +165,51 @@ def main() -> int:
           f"{per_request / args.batch:.2f} us per event "
           f"({args.requests * args.batch / best:,.0f} events/s of pure Python work), "
           f"{sum(map(len, bodies)) / len(bodies):.0f}-byte bodies")
+    return 0
+
+
+def build_name() -> str:
+    try:
+        from estat._build import describe
+    except ImportError:
+        return "pure Python"
+    return describe()
+
+
+def count(argv: list) -> int:
+    """
+    Callgrind's instruction count of one run of this script with ``argv``.
+    """
+    import subprocess
+
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         os.path.abspath(__file__), "--only-run", *argv],
+        capture_output=True, text=True, check=True)
+    for line in out.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1])
+    raise RuntimeError(out.stderr[-2000:])
+
+
+def instructions(args) -> int:
+    extra = []
+    if args.batch > 1:
+        extra += ["--batch", str(args.batch)]
+    if args.dedup:
+        extra.append("--dedup")
+    if args.plan:
+        extra += ["--plan", args.plan]
+    low, high = 2000, 12000
+    per = {}
+    for name, flags in (("whole path", []), ("protocol alone (--stub)", ["--stub"])):
+        a = count(["--requests", str(low), *extra, *flags])
+        b = count(["--requests", str(high), *extra, *flags])
+        per[name] = (b - a) / (high - low)
+    whole, protocol = per["whole path"], per["protocol alone (--stub)"]
+    build = build_name()
+    print(f"instructions per {args.batch}-event request ({build}): {whole:,.0f} "
+          f"(protocol {protocol:,.0f}, ingest core and queue {whole - protocol:,.0f})")
     return 0
 
 
