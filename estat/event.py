@@ -200,6 +200,13 @@ class _ReceivedAtFormatter:
         self._prefix = ""
 
     def __call__(self, when: float) -> str:
+        # Within the second already formatted (nearly every call): the
+        # same split as below, as when - int(when) is exact for when >= 1.
+        second = int(when)
+        if second == self._second and when >= 1.0:
+            micros = round((when - second) * 1e6)
+            if micros < 1000000:
+                return self._prefix + _MILLIS[micros // 1000]
         # Split the way datetime.fromtimestamp does, so both always agree.
         frac, whole = math.modf(when)
         micros = round(frac * 1e6)
@@ -214,6 +221,8 @@ class _ReceivedAtFormatter:
         return f"{self._prefix}.{micros // 1000:03d}Z"
 
 
+#: ".000Z" to ".999Z"
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 format_received_at = _ReceivedAtFormatter()
 
 

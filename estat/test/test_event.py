@@ -254,6 +254,25 @@ class FormatReceivedAtTests(SynchronousTestCase):
             expected_text = expected.isoformat(timespec="milliseconds").replace("+00:00", "Z")
             self.assertEqual(formatter(when), expected_text, repr(when))
 
+    def test_withinTheSecondAgreesWithDatetime(self) -> None:
+        """
+        The path for a second already formatted gives what datetime does,
+        for times all through the second, the last microseconds included
+        (which round up into the next second).
+        """
+        import random
+
+        rng = random.Random(3)
+        formatter = _ReceivedAtFormatter()
+        for second in (1.0, 1700000000.0, 1799999999.0, 4102444799.0):
+            times = [second + rng.random() for _ in range(3000)]
+            times += [second + 1 - 1e-7, second + 0.9999995, second + 0.0005, second + 1e-9]
+            for when in times:
+                formatter(second + 0.5)  # that second formatted already
+                expected = datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc)
+                text = expected.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                self.assertEqual(formatter(when), text, repr(when))
+
     def test_cacheFollowsSeconds(self) -> None:
         formatter = _ReceivedAtFormatter()
         base = utc(2024, 2, 29, 23, 59, 58)
