@@ -118,6 +118,7 @@ def _json_error(message: str, **extra) -> bytes:
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_new_tuple = tuple.__new__
 
 
 class _Slot:
@@ -130,8 +131,20 @@ class _Slot:
 
     data: bytes | None = None
     close: bool = False
+    keep_alive_10: bool = False
+    head: bool = False
     #: (method, target, version, headers, body) for the twisted.web channel
     slow: tuple | None = None
+    #: the connection, for an answer given later (L{__call__})
+    protocol: "FastHTTPProtocol" = None  # type: ignore[assignment]
+
+    def __call__(self, answer: Answer) -> None:
+        """
+        The handler's C{respond}: the answer, given later (or before the
+        handler returns, when it did not return it).
+        """
+        protocol = self.protocol
+        protocol._answer(self, answer, protocol.factory.clock.seconds())
 
 
 def _slot(data: bytes | None = None, close: bool = False, slow: tuple | None = None) -> _Slot:
@@ -375,6 +388,11 @@ class FastHTTPProtocol(Protocol):
                 self.factory.on_protocol_error("bad_request")
                 self._refuse(400, _json_error("malformed HTTP request: " + _reason(e)))
             return
+        if self._in_message and not self._deadline_is_request and not self._broken:
+            timeout = self.factory.request_timeout
+            if timeout:
+                self.deadline = self.factory.clock.seconds() + timeout
+                self._deadline_is_request = True
         if self._in_head and not self._broken:
             # A header section still arriving: bound what it may hold
             # (llhttp accumulates a header's value until it ends).
@@ -399,12 +417,11 @@ class FastHTTPProtocol(Protocol):
         self._body = []
         self._body_size = 0
         self._route = None
-        timeout = self.factory.request_timeout
-        if timeout:
-            self.deadline = self.factory.clock.seconds() + timeout
-            self._deadline_is_request = True
-        else:
-            self.deadline = 0.0
+        # REQUEST_TIMEOUT runs from this first byte: armed by dataReceived
+        # if the request is still arriving when this read is parsed (most
+        # arrive whole, and need no deadline).
+        self.deadline = 0.0
+        self._deadline_is_request = False
 
     def on_url(self, url: bytes) -> None:
         if self._url:
@@ -482,6 +499,7 @@ class FastHTTPProtocol(Protocol):
     def on_message_complete(self) -> None:
         factory = self.factory
         self.deadline = 0.0
+        self._deadline_is_request = False
         self._in_message = False
         self._completed += 1
         keep_alive = self._parser.should_keep_alive() and not factory.draining
@@ -496,34 +514,71 @@ class FastHTTPProtocol(Protocol):
             self._flush()
             return
         slot = _Slot()
+        slot.protocol = self
         if not keep_alive:
             slot.close = True
             self._ending = True
-        self._push(slot)
-        method = self._method
-        head = method == b"HEAD"
-        keep_alive_10 = keep_alive and self._version == "1.0"
-
-        def respond(answer: Answer) -> None:
-            if factory.draining:
-                slot.close = True
-            data = factory.render(answer, slot.close, keep_alive_10, head)
-            pending = self._pending
-            if pending and pending[0] is slot:
-                if len(pending) == 1 and not slot.close and not self._paused:
-                    # The common case: the only answer due, written at once.
-                    pending.clear()
-                    self.transport.write(data)
-                    if not self._in_message:
-                        self._idle(factory.clock.seconds())
-                    return
-                slot.data = data
-                self._flush()
+        if self._version == "1.0" and keep_alive:
+            slot.keep_alive_10 = True
+        if self._method == b"HEAD":
+            slot.head = True
+        pending = self._pending
+        pending.append(slot)
+        if len(pending) > MAX_PIPELINED and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        now = factory.clock.seconds()
+        # tuple.__new__: an IngestRequest without the Python-level __new__.
+        answer = route(_new_tuple(IngestRequest, (self._method, self._path, self._query,
+                                                  self._headers, body, self.peer, now)), slot)
+        if answer is None:
+            return
+        # Decided at once (the common case): no callback.
+        if (pending[0] is slot and len(pending) == 1 and not slot.close
+                and not slot.keep_alive_10 and not slot.head and not self._paused
+                and not factory.draining):
+            # The only answer due, on a connection that stays: written at
+            # once, its bytes those kept for this second (FastHTTPFactory.rendered).
+            pending.clear()
+            if int(now) == factory._date_second:
+                kept = factory._rendered.get(id(answer))
+                data = kept[1] if kept is not None and kept[0] is answer else \
+                    factory.rendered(answer, now)
             else:
-                slot.data = data
+                data = factory.rendered(answer, now)
+            self.transport.write(data)
+            if not self._in_message:
+                timeout = factory.idle_timeout
+                self.deadline = now + timeout if timeout else 0.0
+            return
+        self._answer(slot, answer, now)
 
-        route(IngestRequest(method, self._path, self._query, self._headers, body, self.peer,
-                            factory.clock.seconds()), respond)
+    def _answer(self, slot: _Slot, answer: Answer, now: float) -> None:
+        """
+        C{slot}'s answer is C{answer}: write it now if it is the next due,
+        else keep it until the answers before it are out.
+        """
+        factory = self.factory
+        if factory.draining:
+            slot.close = True
+        close = slot.close
+        if close or slot.keep_alive_10 or slot.head:
+            data = factory.render(answer, close, slot.keep_alive_10, slot.head)
+        else:
+            data = factory.rendered(answer, now)
+        pending = self._pending
+        if pending and pending[0] is slot:
+            if len(pending) == 1 and not close and not self._paused:
+                # The common case: the only answer due, written at once.
+                pending.clear()
+                self.transport.write(data)
+                if not self._in_message:
+                    self._idle(now)
+                return
+            slot.data = data
+            self._flush()
+        else:
+            slot.data = data
 
     @staticmethod
     def _serialise(request: tuple, close: bool) -> bytes:
@@ -729,7 +784,9 @@ class FastHTTPFactory(Factory):
     routes, the limits, the cached C{Date}, the deadline sweep, and the
     set of open connections a shutdown closes.
 
-    @ivar routes: path to ingest handler (L{estat.ingest.core.IngestCore.collect}, ...).
+    @ivar routes: path to ingest handler (L{estat.ingest.core.IngestCore.handle}, ...):
+        C{handler(request, respond)} returns the L{Answer} when it is decided
+        at once, or C{None} and calls C{respond(answer)} exactly once.
     @ivar resource: the Klein resource for every other path.
     """
 
@@ -767,6 +824,7 @@ class FastHTTPFactory(Factory):
         self._all_closed: list = []
         self._date_second = -1
         self._date = b""
+        self._rendered: dict = {}
         self._sweep: LoopingCall | None = None
         timeouts = [t for t in (idle_timeout, request_timeout) if t]
         self.sweep_interval = min([1.0] + [t / 4 for t in timeouts])
@@ -813,7 +871,27 @@ class FastHTTPFactory(Factory):
             self._date_second = second
         return self._date
 
-    def render(self, answer: Answer, close: bool, keep_alive_10: bool, head: bool) -> bytes:
+    def rendered(self, answer: Answer, now: float) -> bytes:
+        """
+        L{render} of C{answer} on a keep-alive connection, at C{now}: the
+        bytes are kept for the rest of the second (the C{Date} changes with
+        it), so an answer object the core hands out again (its 202s) is
+        rendered once a second.
+        """
+        if int(now) != self._date_second:
+            self._rendered.clear()
+            self.date_header(now)
+        kept = self._rendered.get(id(answer))
+        if kept is not None and kept[0] is answer:
+            return kept[1]
+        data = self.render(answer, False, False, False, now)
+        if len(self._rendered) < 64:
+            # The answer is kept with its bytes: its id cannot be reused.
+            self._rendered[id(answer)] = (answer, data)
+        return data
+
+    def render(self, answer: Answer, close: bool, keep_alive_10: bool, head: bool,
+               now: float | None = None) -> bytes:
         """
         The bytes of C{answer}: status line, C{Date}, C{Content-Length},
         its fields, C{Connection} when it matters, and the body.
@@ -831,7 +909,9 @@ class FastHTTPFactory(Factory):
         elif keep_alive_10:
             block += b"Connection: keep-alive\r\n"
         length = b"" if answer.status == 204 else b"Content-Length: %d\r\n" % len(body)
-        return b"".join((_status_line(answer.status), self.date_header(self.clock.seconds()),
+        if now is None:
+            now = self.clock.seconds()
+        return b"".join((_status_line(answer.status), self.date_header(now),
                          length, block, b"\r\n", b"" if head else body))
 
     # --- shutdown ---

@@ -122,6 +122,56 @@ class ProtocolTests(SynchronousTestCase):
         protocol.dataReceived(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         self.assertEqual(len(writes), 1)
 
+    def test_returned_answer(self):
+        """
+        A handler may return its answer instead of calling C{respond}: it
+        is written at once, and an answer object returned again within the
+        same second is the same bytes; the next second brings its C{Date}.
+        """
+        answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
+        self.factory.routes[b"/collect"] = lambda request, respond: answer
+        protocol, transport = self.connect()
+        post = b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        protocol.dataReceived(post)
+        first = transport.value()
+        transport.clear()
+        self.clock.advance(0.5)
+        protocol.dataReceived(post)
+        self.assertEqual(transport.value(), first)
+        transport.clear()
+        self.clock.advance(0.5)
+        protocol.dataReceived(post)
+        [(status, headers, body)] = parse_all(transport.value())
+        self.assertEqual((status, body), (202, b'{"accepted":1}'))
+        self.assertEqual(headers[b"date"], b"Tue, 14 Nov 2023 22:13:21 GMT")
+        [(_, headers, _)] = parse_all(first)
+        self.assertEqual(headers[b"date"], b"Tue, 14 Nov 2023 22:13:20 GMT")
+
+    def test_returned_answer_framing(self):
+        """
+        A returned answer to HEAD, to an HTTP/1.0 keep-alive request or to
+        one that closes the connection is framed for that request, not
+        taken from the kept bytes.
+        """
+        answer = Answer(202, ((b"content-type", b"application/json"),), b'{"accepted":1}')
+        self.factory.routes[b"/collect"] = lambda request, respond: answer
+        [(status, headers, body)], _ = self.exchange(
+            b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertNotIn(b"connection", headers)
+        [(status, headers, body)], transport = self.exchange(
+            b"POST /collect HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(headers[b"connection"], b"keep-alive")
+        self.assertFalse(transport.disconnecting)
+        [(status, headers, body)], transport = self.exchange(
+            b"POST /collect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 2\r\n\r\n{}")
+        self.assertEqual((status, headers[b"connection"]), (202, b"close"))
+        self.assertTrue(transport.disconnecting)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HEAD /collect HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n"), transport.value())
+        self.assertIn(b"Content-Length: 14\r\n", transport.value())
+
     def test_chunked_body(self):
         self.exchange(b"POST /collect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                       b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
@@ -350,6 +400,32 @@ class ProtocolTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.timeouts, [])
+
+    def test_idle_after_a_request_in_two_reads(self):
+        """
+        A request that arrived in two reads, answered at once (its answer
+        returned), leaves the connection idle: closed after the idle
+        timeout without a 408; a request begun in the read that completed
+        another gets its own request deadline.
+        """
+        answer = Answer(202, ((b"content-type", b"application/json"),), b"{}")
+        self.factory.routes[b"/collect"] = lambda request, respond: answer
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /collect HTTP/1.1\r\nHost: x\r\n")
+        self.clock.advance(5)
+        protocol.dataReceived(b"Content-Length: 2\r\n\r\n{}")
+        self.assertEqual(parse_all(transport.value())[0][0], 202)
+        self.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timeouts, [])
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                              b"POST /collect HTTP/1.1\r\n")
+        self.clock.advance(11)
+        self.assertEqual([a[0] for a in parse_all(transport.value())], [202, 408])
+        self.assertEqual(self.timeouts, [1])
 
     def test_waiting_answer_is_not_idle(self):
         """
