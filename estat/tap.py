@@ -242,7 +242,7 @@ def build_service(config: Config, reactor, environ=None, endpoint=None) -> Estat
         def settle() -> Deferred:
             return gatherResults([first_settle()] + [b.drain() for _, b in streams])
 
-    site, http = _http(config, reactor, metrics, {b"/collect": core.collect, **segment.routes()},
+    site, http = _http(config, reactor, metrics, {b"/collect": core.handle, **segment.routes()},
                        api, core.limits, settle, endpoint)
     service = EstatService(
         http=http,

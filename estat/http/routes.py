@@ -72,7 +72,9 @@ def serve(handler, request, received_at: float):
         else:
             answers.append(answer)
 
-    handler(ingest_request(request, received_at), respond)
+    answer = handler(ingest_request(request, received_at), respond)
+    if answer is not None:
+        return _write_answer(request, answer)
     if answers:
         return _write_answer(request, answers[0])
     d = Deferred()
@@ -121,7 +123,7 @@ class IngestAPI:
 
     @app.route("/collect", branch=False)
     def collect(self, request):
-        return serve(self.core.collect, request, self.clock.seconds())
+        return serve(self.core.handle, request, self.clock.seconds())
 
     @app.route("/healthz")
     def healthz(self, request) -> bytes:

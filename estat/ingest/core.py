@@ -15,16 +15,17 @@ Nothing here does I/O, touches the reactor or knows about twisted.web.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import attr
 import orjson
 from zope.interface import Interface, implementer
 
 from ..dedup import DedupWindow, find_retries
-from ..event import SERVER_FIELD, ClientAddressResolver, format_received_at, make_line, make_lines
-from .access import CorsPolicy, WriteKeys
-from .body import Limits, decode_content, decode_events
+from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, ClientAddressResolver,
+                     format_received_at, make_line, make_lines)
+from .access import _VARY, CorsPolicy, WriteKeys
+from .body import _NDJSON_SEEN, Limits, decode_content, decode_events, is_ndjson
 from .rejected import Rejected
 from .validation import admit_both, bad_row, errors_field
 from ..metrics import Metrics
@@ -45,6 +46,9 @@ _JSON_HEADER = (b"content-type", JSON)
 #: The header fields of a 202, by CORS fields: one tuple per origin, so the
 #: front end renders each kind once.
 _ACCEPTED_HEADERS: dict = {}
+#: The 202 of one event, by CORS fields (the same object each time, which
+#: a front end may cache the bytes of).
+_ACCEPTED_ANSWERS: dict = {}
 
 
 class IngestRequest(NamedTuple):
@@ -130,12 +134,20 @@ class QueueAdmission:
     def admit(self, events: list, done: Callable) -> None:
         done(None if self.queue.offer(events) else self._full)
 
+    def try_admit(self, events: list) -> bool:
+        """
+        Admit C{events} at once if this mode can (C{True}); C{False} means
+        nothing was taken and L{admit} decides (it may wait or refuse).
+        The ingest core's one-object path asks this first: no callback.
+        """
+        return self.queue.offer(events)
+
     def refusal_for(self, count: int) -> Refusal | None:
         """
         The refusal L{admit} would give C{count} events now, or C{None}.
         """
         queue = self.queue
-        if queue.closed or count > queue.size - len(queue.pending):
+        if queue.closed or count > queue.free:
             return self._full
         return None
 
@@ -156,6 +168,17 @@ _IN_FLIGHT = Refusal(503, "duplicate_in_flight",
 _CHALLENGE = ((b"www-authenticate", b'Bearer realm="estat"'),)
 
 
+def _not_at_once(events: list) -> bool:
+    return False
+
+
+def _rewire(core: "IngestCore", attribute, value):
+    object.__setattr__(core, attribute.name, value)
+    if hasattr(core, "_peer_is_client"):
+        core._wire()
+    return value
+
+
 @attr.s
 class IngestCore:
     """
@@ -165,7 +188,7 @@ class IngestCore:
     the store) later.
     """
 
-    admission = attr.ib()
+    admission = attr.ib(on_setattr=_rewire)
     metrics: Metrics = attr.ib()
     clock = attr.ib()
     client_addresses: ClientAddressResolver = attr.ib(factory=ClientAddressResolver)
@@ -173,7 +196,7 @@ class IngestCore:
     write_keys: WriteKeys = attr.ib(factory=WriteKeys)
     cors: CorsPolicy = attr.ib(factory=CorsPolicy)
     #: The window of recently admitted message ids (L{estat.dedup}), or None.
-    dedup: DedupWindow | None = attr.ib(default=None)
+    dedup: DedupWindow | None = attr.ib(default=None, on_setattr=_rewire)
     #: Whether C{_estat} names the write key's source (C{WRITE_KEYS=key=name})
     #: as C{source}, when the key has a name: on when the stream is stored as
     #: a table or partitioned by C{source}, off otherwise so that JSON Lines
@@ -181,7 +204,7 @@ class IngestCore:
     #: null would be kept in every row's C{_extra}).
     record_source: bool = attr.ib(default=False)
     #: The tracking plan's rules (L{estat.ingest.validation}), or None.
-    validation = attr.ib(default=None)
+    validation = attr.ib(default=None, on_setattr=_rewire)
     #: Where quarantined events go (the bad rows' stream), with a plan.
     bad_admission = attr.ib(default=None)
 
@@ -190,30 +213,145 @@ class IngestCore:
         self._keys_required = self.write_keys.required
         resolver = self.client_addresses
         self._peer_is_client = not resolver.trusted and not resolver.anonymize
+        self._wire()
+        self._event_size = self.limits.event_size
+        self._no_cors = not self.cors.origins
+        metrics = self.metrics
+        self._requests = metrics.http_requests
+        self._requests_accepted = metrics.http_requests_accepted
+        self._events_accepted = metrics.events_accepted
+        self._duration = metrics.http_request_duration
+
+    def _wire(self) -> None:
+        # What the one-pass path of handle() needs, looked up once (and
+        # again when the admission, the plan or the dedup window change).
+        try_admit = getattr(self.admission, "try_admit", None)
+        self._try_admit: Callable[[list], bool] = try_admit or _not_at_once
+        self._general = (try_admit is None or self.validation is not None
+                         or not self._peer_is_client)
 
     def collect(self, request: IngestRequest, respond: Callable[[Answer], None]) -> None:
+        """
+        Decide C{request}: C{respond(answer)} is called exactly once, at
+        once or later.
+        """
+        answer = self.handle(request, respond)
+        if answer is not None:
+            respond(answer)
+
+    def handle(self, request: IngestRequest, respond: Callable[[Answer], None]) -> Answer | None:
+        """
+        L{collect} for a front end that can take the answer back: return
+        the L{Answer} when it is decided before this returns (C{respond}
+        is then never called), or C{None}, and C{respond(answer)} is
+        called exactly once (perhaps before this returns).
+
+        The common request (one plain JSON object, in a mode that admits
+        at once, with no tracking plan and no dedup window) is decided here
+        in one pass, with no closure and no temporary object but its line:
+        the same rules as L{_collect}, which every other request takes and
+        where each rule is spelled out.  The test suites drive both.
+        """
+        if request.method != b"POST" or self._general:
+            return self._collect(request, respond)
+        headers = request.headers
+        body = request.body
+        if (not body or body[0] != 123 or len(body) > self._event_size  # 123: "{"
+                or b"content-encoding" in headers
+                or _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)):
+            return self._collect(request, respond)
+        content_type = headers.get(b"content-type")
+        if content_type is not None and _NDJSON_SEEN.get(content_type) is not False \
+                and is_ndjson(content_type):
+            return self._collect(request, respond)
+        source = None
+        if self._keys_required:
+            allowed, source = self.write_keys.source(self.write_keys.presented(request))
+            if not allowed:
+                return self._collect(request, respond)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._collect(request, respond)
+        if type(obj) is not dict or SERVER_FIELD in obj or (
+                self.dedup is not None and obj.get("messageId")):
+            return self._collect(request, respond)
+        received = request.received_at
+        agent = headers.get(b"user-agent")
+        fields = {
+            "received_at": format_received_at(received),
+            "ip": request.peer,
+            "user_agent": agent.decode("utf-8", "replace") if agent is not None else None,
+        }
+        if source is not None and self.record_source:
+            fields["source"] = source
+        obj[SERVER_FIELD] = fields
+        try:
+            # A right-sized copy: see estat.event.make_line.
+            line = memoryview(orjson.dumps(obj)).tobytes()
+        except (orjson.JSONEncodeError, TypeError):
+            del obj[SERVER_FIELD]
+            return self._collect(request, respond)
+        if not self._try_admit([(received, line)]):
+            # Not admitted at once: the general path asks the admission
+            # (which may wait, or refuse) with a callback.
+            del obj[SERVER_FIELD]
+            return self._collect(request, respond)
+        self._requests.value += 1
+        self._requests_accepted.value += 1
+        self._events_accepted.value += 1
+        self._duration.observe(self.clock.seconds() - received)
+        if self._no_cors:
+            answer = _ACCEPTED_ANSWERS.get(_VARY)
+            if answer is not None:
+                return answer
+            return self._accepted(_VARY, 1, None)
+        return self._accepted(self.cors.headers(request), 1, None)
+
+    def _accepted(self, cors: tuple, count: int, reply: bytes | None) -> Answer:
+        """
+        The 202 of C{count} events, its body C{reply} when it is more than
+        the count; the answers of one event are made once per CORS kind.
+        """
+        if reply is None and count == 1:
+            answer = _ACCEPTED_ANSWERS.get(cors)
+            if answer is None:
+                answer = Answer(202, (_JSON_HEADER,) + cors, b'{"accepted":1}')
+                if len(_ACCEPTED_ANSWERS) < 256:
+                    _ACCEPTED_ANSWERS[cors] = answer
+            return answer
+        headers = _ACCEPTED_HEADERS.get(cors)
+        if headers is None:
+            headers = (_JSON_HEADER,) + cors
+            if len(_ACCEPTED_HEADERS) < 256:
+                _ACCEPTED_HEADERS[cors] = headers
+        if reply is None:
+            reply = b'{"accepted":%d}' % count
+        return Answer(202, headers, reply)
+
+    def _collect(self, request: IngestRequest, respond: Callable[[Answer], None]) -> Answer | None:
+        """
+        Every rule of C{/collect}, for any request: see L{handle}.
+        """
         method = request.method
         if method == b"OPTIONS":
-            respond(Answer(204, self.cors.preflight_headers(request) + (_ALLOW_POST,), b""))
-            return
+            return Answer(204, self.cors.preflight_headers(request) + (_ALLOW_POST,), b"")
         metrics = self.metrics
         metrics.http_requests.inc()
         received = request.received_at
         cors = self.cors.headers(request)
         if method != b"POST":
-            respond(self._reject(received, 405, "method_not_allowed", "use POST",
-                                 cors + (_ALLOW_POST,)))
-            return
+            return self._reject(received, 405, "method_not_allowed", "use POST",
+                                cors + (_ALLOW_POST,))
         source = None
         if self._keys_required:
             allowed, source = self.write_keys.source(self.write_keys.presented(request))
             if not allowed:
-                respond(self._reject(received, 401, "unauthorized",
-                                     "a valid write key is required", cors + _CHALLENGE))
-                return
+                return self._reject(received, 401, "unauthorized",
+                                    "a valid write key is required", cors + _CHALLENGE)
         headers = request.headers
         body = request.body
-        items = ()
+        items: list = []
         try:
             encoding = headers.get(b"content-encoding")
             if encoding:
@@ -233,10 +371,9 @@ class IngestCore:
                 sorting = self.validation.sort("collect", [obj for obj, _ in items])
             if sorting is not None:
                 if sorting.rejected:
-                    respond(self._reject(received, 400, "schema_invalid",
-                                         "events do not match their schema", cors,
-                                         events=len(items), errors=sorting.rejected))
-                    return
+                    return self._reject(received, 400, "schema_invalid",
+                                        "events do not match their schema", cors,
+                                        events=len(items), errors=sorting.rejected)
                 events, bad = self._sorted_events(received, items, server_fields, sorting,
                                                   batch)
             elif batch:
@@ -246,22 +383,21 @@ class IngestCore:
                 events = [(received, make_line(obj, server_fields, raw))]
         except Rejected as e:
             extra = {"index": e.index} if e.index is not None else {}
-            respond(self._reject(received, e.status, e.reason, e.message, cors,
-                                 events=max(1, e.count or len(items)), **extra))
-            return
+            return self._reject(received, e.status, e.reason, e.message, cors,
+                                events=max(1, e.count or len(items)), **extra)
         count = len(items)
         if sorting is None:
-            bad = ()
+            bad = []
         accepted = None  # the 202 body, when it is more than the count
-        dedup, fresh = self.dedup, ()
-        ids = [obj.get("messageId") for obj, _ in items] if dedup is not None else ()
+        dedup: Any = self.dedup
+        fresh: list = []
+        ids = [obj.get("messageId") for obj, _ in items] if dedup is not None else []
         if any(ids):
             # Events carrying a messageId admitted within DEDUP_WINDOW are a
             # client's retry: acknowledged, not stored again.
             retries = find_retries(dedup, "collect", ids)
             if retries.pending:
-                respond(self.refused(received, _IN_FLIGHT, cors, count))
-                return
+                return self.refused(received, _IN_FLIGHT, cors, count)
             if retries.seen:
                 metrics.events_deduplicated.labels("collect").inc(len(retries.seen))
                 if sorting is None:
@@ -272,8 +408,7 @@ class IngestCore:
                 accepted = b'{"accepted":%d,"duplicates":%d}' % (count, len(retries.seen))
                 if not events and not bad:
                     metrics.http_requests_accepted.inc()
-                    respond(Answer(202, (_JSON_HEADER,) + cors, accepted))
-                    return
+                    return Answer(202, (_JSON_HEADER,) + cors, accepted)
             fresh = retries.fresh
             if fresh:
                 dedup.reserve(fresh)
@@ -284,15 +419,7 @@ class IngestCore:
                     dedup.commit(fresh)
                 metrics.http_requests_accepted.inc()
                 metrics.events_accepted.inc(len(events) + len(bad))
-                headers = _ACCEPTED_HEADERS.get(cors)
-                if headers is None:
-                    headers = (_JSON_HEADER,) + cors
-                    if len(_ACCEPTED_HEADERS) < 256:
-                        _ACCEPTED_HEADERS[cors] = headers
-                reply = accepted
-                if reply is None:
-                    reply = b'{"accepted":1}' if count == 1 else b'{"accepted":%d}' % count
-                answer = Answer(202, headers, reply)
+                answer = self._accepted(cors, count, accepted)
                 metrics.http_request_duration.observe(self.clock.seconds() - received)
             else:
                 if fresh:
@@ -305,6 +432,7 @@ class IngestCore:
         else:
             admit_both(self.admission, [e[:2] for e in events],
                        self.bad_admission, [e[:2] for e in bad], admitted)
+        return None
 
     def _sorted_events(self, received: float, items: list, server_fields: dict,
                        sorting, batch: bool) -> tuple[list, list]:

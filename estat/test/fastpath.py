@@ -94,7 +94,7 @@ class FastPathRequests:
 
     def fast_factory(self) -> FastHTTPFactory:
         return FastHTTPFactory(
-            routes={b"/collect": self.core.collect},
+            routes={b"/collect": self.core.handle},
             resource=self.api.resource(),
             clock=self.clock,
             max_body_size=self.core.limits.request_size,

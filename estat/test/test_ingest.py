@@ -285,3 +285,126 @@ class CollectDedupTests(SynchronousTestCase):
         for _ in range(2):
             self.assertEqual(self.answer(request(b'{"messageId":7}')).status, 202)
         self.assertEqual(len(self.queue), 2)
+
+
+class OnePassTests(SynchronousTestCase):
+    """
+    L{IngestCore.handle} decides the common request in one pass: the same
+    answer, the same queued line and the same metrics as the general rules
+    (L{IngestCore._collect}) give, for every kind of request, and it falls
+    back to them for everything else.
+    """
+
+    REQUESTS = [
+        request(),
+        request(b'{"e":"caf\xc3\xa9","n":[1,2,{"x":null}]}',
+                headers={b"content-type": b"application/json", b"user-agent": b"a/1"}),
+        request(b'{"e":1}', headers={b"content-type": b"text/plain;charset=UTF-8"}),
+        request(b'{"e":1}', headers={}),
+        request(b'{"e":1}', headers={b"content-type": b"application/x-ndjson"}),
+        request(b'{"e":1}\n{"e":2}\n', headers={b"content-type": b"application/x-ndjson"}),
+        request(b'{"big":12345678901234567890123}'),
+        request(b'{"_estat":{"ip":"1.2.3.4"}}'),
+        request(b'{"e":'),
+        request(b'[{"e":1},{"e":2}]'),
+        request(b'"text"'),
+        request(b'{"e":"' + b"x" * 200 + b'"}'),
+        request(b'{"e":1}', method=b"GET"),
+        request(b'{"e":1}', method=b"OPTIONS",
+                headers={b"origin": b"https://app.example"}),
+        request(b'{"e":1}', headers={b"origin": b"https://app.example"}),
+        request(b'{"e":1}', headers={b"origin": b"https://elsewhere.example"}),
+        request(gzip.compress(b'{"e":1}'), headers={b"content-encoding": b"gzip"}),
+        request(b'{"messageId":"m-1","e":1}'),
+        request(b'{"messageId":"m-1","e":1}'),
+        request(b'{"user_agent":"\xe2\x80\x8b"}', headers={b"user-agent": b"\xff\xfe"}),
+    ]
+
+    def core(self, queue_size: int = 100, **kwargs) -> tuple:
+        clock = Clock()
+        clock.advance(NOW)
+        queue = EventQueue(queue_size)
+        metrics = Metrics(CollectorRegistry())
+        core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock,
+                          limits=Limits(event_size=100, body_size=1000, events_per_request=5),
+                          cors=CorsPolicy(("https://app.example",)), **kwargs)
+        return core, queue, metrics
+
+    def run_both(self, queue_size: int = 100, make=dict) -> None:
+        """
+        @param make: makes the cores' other arguments (each its own).
+        """
+        one, one_queue, one_metrics = self.core(queue_size, **make())
+        general, general_queue, general_metrics = self.core(queue_size, **make())
+        for req in self.REQUESTS:
+            answers = []
+            returned = one.handle(req._replace(headers=dict(req.headers)), answers.append)
+            if returned is not None:
+                self.assertEqual(answers, [], "both returned and responded")
+                answers.append(returned)
+            expected = []
+            returned = general._collect(req._replace(headers=dict(req.headers)),
+                                        expected.append)
+            if returned is not None:
+                expected.append(returned)
+            self.assertEqual(answers, expected, req)
+            self.assertEqual(one_queue.take(1000), general_queue.take(1000), req)
+        self.assertEqual(
+            sorted((s.name, sorted(s.labels.items()), s.value)
+                   for m in one_metrics.registry.collect() for s in m.samples
+                   if not s.name.endswith("_created")),
+            sorted((s.name, sorted(s.labels.items()), s.value)
+                   for m in general_metrics.registry.collect() for s in m.samples
+                   if not s.name.endswith("_created")))
+
+    def test_same_as_the_general_rules(self):
+        self.run_both()
+
+    def test_same_with_dedup(self):
+        from estat.dedup import DedupWindow
+
+        self.run_both(make=lambda: {"dedup": DedupWindow(Clock(), window=60.0, max_ids=100)})
+
+    def test_same_with_write_keys(self):
+        self.run_both(make=lambda: {"write_keys": WriteKeys((b"k1",))})
+        self.REQUESTS = [request(headers={b"x-write-key": b"k1"}),
+                         request(headers={b"x-write-key": b"nope"})]
+        self.run_both(make=lambda: {"write_keys": WriteKeys(("k1=web",)),
+                                    "record_source": True})
+
+    def test_same_when_the_queue_is_full(self):
+        self.run_both(queue_size=1)
+
+    def test_common_request_returned(self):
+        """
+        The common request's answer is returned, not given to C{respond},
+        and it is the same 202 object every time (a front end may keep its
+        bytes).
+        """
+        core, queue, _ = self.core()
+        first = core.handle(request(), self.fail)
+        second = core.handle(request(b'{"e":2}'), self.fail)
+        self.assertEqual((first.status, first.body), (202, b'{"accepted":1}'))
+        self.assertIs(first, second)
+        self.assertEqual(len(queue), 2)
+
+    def test_falls_back_when_not_admitted_at_once(self):
+        """
+        An admission without C{try_admit} (the disk and stored modes), or
+        one set after the core was made, takes the general path: C{respond}
+        is called when the admission decides.
+        """
+        core, _, _ = self.core()
+        admission = WaitingAdmission()
+        core.admission = admission
+        answers = []
+        self.assertIsNone(core.handle(request(), answers.append))
+        self.assertEqual(answers, [])
+        [(events, done)] = admission.waiting
+        [(received, line)] = events
+        self.assertEqual(orjson.loads(line)["_estat"]["ip"], "192.0.2.7")
+        done(None)
+        self.assertEqual([a.status for a in answers], [202])
+        core.admission = QueueAdmission(EventQueue(0))
+        self.assertIsNone(core.handle(request(), answers.append))
+        self.assertEqual([a.status for a in answers], [202, 503])
