@@ -41,6 +41,11 @@ class EventQueue(DeferredQueue):
         self.closed = False
         self._call_soon = call_soon
         self._waking = False
+        #: C{() -> None}, called after events leave the queue and when it
+        #: closes: room may have appeared (L{estat.ingest.admission} admits
+        #: the requests waiting for it).  It may run inside L{offer} or
+        #: L{room_for}, when they wake the consumer early.
+        self.on_room = None
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -88,6 +93,11 @@ class EventQueue(DeferredQueue):
         self._waking = False
         if self.waiting and self.pending:
             self.waiting.pop(0).callback(self.pending.pop(0))
+            self._roomed()
+
+    def _roomed(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
 
     def take(self, n: int) -> list:
         """
@@ -101,6 +111,8 @@ class EventQueue(DeferredQueue):
         else:
             taken = pending[:n]
             del pending[:n]
+        if taken:
+            self._roomed()
         return taken
 
     def close(self) -> None:
@@ -108,9 +120,13 @@ class EventQueue(DeferredQueue):
         Refuse further events; those already queued stay to be taken.
         """
         self.closed = True
+        self._roomed()
 
     def get(self) -> Deferred:
         """
         Wait for one event.  The returned Deferred may be cancelled.
         """
-        return super().get()
+        d = super().get()
+        if d.called:
+            self._roomed()
+        return d
