@@ -379,6 +379,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHUTDOWN_TIMEOUT", "25s", _positive_duration, "deadline for a graceful shutdown (keep it below ECS's stopTimeout)"),
     Setting("TRUSTED_PROXIES", "", _cidr_list, "CIDRs whose X-Forwarded-For is believed (e.g. the ALB subnets)"),
     Setting("MAX_PENDING_BATCHES", "4", _positive_int, "sealed batches that may wait for upload before the batcher stops taking events"),
+    Setting("QUEUE_MAX_WAIT", "1s", parse_duration, "a request that finds the event queue full waits this long for room before its 503 (ACK_MODE=memory, /collect); 0: 503 at once"),
+    Setting("QUEUE_MAX_WAITING_EVENTS", "4000", _positive_int, "events of the requests waiting for room at once; a request that would pass it gets 503 at once"),
     Setting("WORKER_NICE", "0", _niceness, "scheduling niceness (0-19) of the worker threads that gzip batches, sign and do disk I/O; 10 gives the reactor thread the CPU first (lower latency at moderate load, less batched throughput at saturation)"),
     Setting("GZIP_LEVEL", "6", _gzip_level, "gzip level of stored objects, 1 (fastest) to 9 (smallest): libdeflate level N, no larger than zlib level N"),
     Setting("INSTANCE_ID", "", _string, "instance name used in object keys; empty: derived from the host or ECS task"),
@@ -477,6 +479,8 @@ class Config:
     partition_by: tuple = attr.ib(default=())
     segment_partition_by: tuple = attr.ib(default=())
     max_partitions: int = attr.ib(default=100)
+    queue_max_wait: float = attr.ib(default=1.0)
+    queue_max_waiting_events: int = attr.ib(default=4000)
     workers: int = attr.ib(default=1)
     #: Set by the supervisor's workers (L{estat.workers.worker.worker_config}):
     #: this process's slot, C{None} in a single process.

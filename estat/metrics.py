@@ -214,6 +214,23 @@ class Metrics:
         self.event_queue_capacity = Gauge(
             "event_queue_capacity", "Capacity of the in-memory event queue",
             registry=r)
+        self.event_queue_waiting_requests = Gauge(
+            "event_queue_waiting_requests",
+            "Requests waiting for room on the full event queue (QUEUE_MAX_WAIT)",
+            registry=r)
+        self.event_queue_waiting_events = Gauge(
+            "event_queue_waiting_events",
+            "Events of the requests waiting for room on the event queue",
+            registry=r)
+        self.event_queue_waits = Counter(
+            "event_queue_waits",
+            "Requests that found the event queue full and waited, by outcome "
+            "(admitted, timed_out, shutdown; the last two were answered 503)",
+            ["outcome"], registry=r)
+        self.event_queue_wait_duration = Histogram(
+            "event_queue_wait_duration_seconds",
+            "How long an admitted request waited for room on the event queue",
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.batches_pending = Gauge(
             "batches_pending",
             "Sealed batches being encoded, uploaded or dead-lettered",

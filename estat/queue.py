@@ -7,6 +7,13 @@ fails at once (the API answers 503), never waits and never grows.  Two
 additions keep the hot path cheap: L{EventQueue.offer} puts several events
 all or nothing, and L{EventQueue.take} hands the batcher up to C{n} events
 in one call instead of one Deferred per event.
+
+With C{call_soon}, a waiting consumer is woken once per reactor turn, not
+once per offer; but an offer that would find the queue full while a wake
+is still to come wakes the consumer at once: one reactor turn can read
+more requests than the queue holds (64 connections of 100 events each are
+6,400 events against C{CHANNEL_SIZE=4000}), and a queue that is full only
+because its consumer has not run yet is not full.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ class EventQueue(DeferredQueue):
         self.closed = False
         self._call_soon = call_soon
         self._waking = False
+        #: C{() -> None}, called after events leave the queue and when it
+        #: closes: room may have appeared (L{estat.ingest.admission} admits
+        #: the requests waiting for it).  It may run inside L{offer} or
+        #: L{room_for}, when they wake the consumer early.
+        self.on_room = None
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -48,7 +60,7 @@ class EventQueue(DeferredQueue):
 
         @return: C{False} when the queue is closed or has not room for all.
         """
-        if self.closed or len(events) > self.size - len(self.pending):
+        if self.closed or not self.room_for(len(events)):
             return False
         if not events:
             return True
@@ -64,10 +76,28 @@ class EventQueue(DeferredQueue):
             self._call_soon(self._wake)
         return True
 
+    def room_for(self, count: int) -> bool:
+        """
+        Whether C{count} more events fit now, once a consumer whose wake is
+        still to come has taken what it will.
+        """
+        if count <= self.size - len(self.pending):
+            return True
+        if self.waiting and self.pending and count <= self.size:
+            self._wake()
+            return count <= self.size - len(self.pending)
+        return False
+
     def _wake(self) -> None:
+        # Run early (by a full offer), it leaves the scheduled call harmless.
         self._waking = False
         if self.waiting and self.pending:
             self.waiting.pop(0).callback(self.pending.pop(0))
+            self._roomed()
+
+    def _roomed(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
 
     def take(self, n: int) -> list:
         """
@@ -81,6 +111,8 @@ class EventQueue(DeferredQueue):
         else:
             taken = pending[:n]
             del pending[:n]
+        if taken:
+            self._roomed()
         return taken
 
     def close(self) -> None:
@@ -88,9 +120,13 @@ class EventQueue(DeferredQueue):
         Refuse further events; those already queued stay to be taken.
         """
         self.closed = True
+        self._roomed()
 
     def get(self) -> Deferred:
         """
         Wait for one event.  The returned Deferred may be cancelled.
         """
-        return super().get()
+        d = super().get()
+        if d.called:
+            self._roomed()
+        return d

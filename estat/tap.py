@@ -29,6 +29,7 @@ from .http.protocol import FastHTTPFactory
 from .ingest.segment_api import SegmentAPI
 from .http.site import HTTPListenerService
 from .http.transport import server_endpoint
+from .ingest.admission import WaitingQueueAdmission
 from .ingest.core import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
 from .metrics import Metrics
@@ -368,8 +369,12 @@ def _collect_core(config: Config, reactor, metrics: Metrics, queue: EventQueue) 
     dedup = DedupWindow(reactor, window=config.dedup_window, max_ids=config.dedup_max_ids,
                         on_evicted_early=metrics.dedup_ids_evicted_early.inc)
     metrics.dedup_ids.set_function(lambda: len(dedup))
+    admission = WaitingQueueAdmission(queue, clock=reactor, metrics=metrics,
+                                      max_wait=config.queue_max_wait,
+                                      max_waiting_events=config.queue_max_waiting_events,
+                                      retry_after=1)
     return IngestCore(
-        admission=QueueAdmission(queue, retry_after=1),
+        admission=admission,
         metrics=metrics,
         clock=reactor,
         client_addresses=ClientAddressResolver(config.trusted_proxies,
@@ -569,8 +574,11 @@ def _ack_mode(config: Config, core: IngestCore, queue: EventQueue, batcher: Batc
     """
     Wire C{ACK_MODE}: the admission of the C{/collect} stream, and for
     C{disk} the write-ahead log.  Returns C{(wal, replays, settle)}.
-    C{memory} leaves the core's L{QueueAdmission} and adds nothing.
+    C{memory} leaves the core's L{WaitingQueueAdmission} and adds nothing.
     """
+    if config.ack_mode != "memory":
+        # The durable modes admit by their own rules, without waiting.
+        queue.on_room = None
     if config.ack_mode == "disk":
         from .wal.admission import WalAdmission
         from .wal.log import WriteAheadLog

@@ -45,10 +45,10 @@ class RecordingSink:
 
 class BatcherTestsMixin:
     def make_batcher(self, sink=None, batch_size=3, flush_interval=10.0,
-                     max_pending=2, queue_size=100, tick=1.0, start=True):
+                     max_pending=2, queue_size=100, tick=1.0, start=True, call_soon=None):
         self.clock = Clock()
         self.clock.advance(START)
-        self.queue = EventQueue(queue_size)
+        self.queue = EventQueue(queue_size, call_soon=call_soon)
         self.metrics = Metrics(CollectorRegistry())
         self.key_maker = KeyMaker("raw", "dlq", "test-1", entropy=lambda n: b"\xab" * n)
         self.sink = RecordingSink(immediate=True) if sink is None else sink
@@ -215,6 +215,47 @@ class KeyTests(BatcherTestsMixin, SynchronousTestCase):
             batch.poison_key,
             "dlq/dt=2023-11-14/hour=20/test-1-20231114T221320000Z-abababababababab.jsonl.gz")
         self.assertEqual(batch.key, self.key_maker.batch_key(START - 7200, START))
+
+
+class OneTurnTests(BatcherTestsMixin, SynchronousTestCase):
+    """
+    With the reactor's coalesced wake (C{call_soon}), as C{/collect} runs.
+    """
+
+    def test_a_turn_may_offer_more_than_the_queue_holds(self):
+        """
+        Requests read in one reactor turn may carry more events than the
+        queue holds: a batcher with a free slot takes them as the queue
+        fills, and none is refused.
+        """
+        scheduled = []
+        self.make_batcher(batch_size=5, max_pending=4, queue_size=4,
+                          call_soon=scheduled.append)
+        offered = [[event(START, 2 * n), event(START, 2 * n + 1)] for n in range(8)]
+        for events in offered:
+            self.assertTrue(self.queue.offer(events))
+        for wake in scheduled:
+            wake()
+        self.batcher.drain()
+        self.assertEqual([e for b in self.sink.batches for e in b.events],
+                         [e for events in offered for e in events])
+
+    def test_the_queue_is_full_when_the_batcher_has_no_slot(self):
+        """
+        With every slot taken the early wake does not help: the queue is
+        truly full, and refuses.
+        """
+        sink = RecordingSink()
+        self.make_batcher(sink=sink, batch_size=2, max_pending=1, queue_size=2,
+                          call_soon=lambda f: None)
+        self.assertTrue(self.queue.offer([event(START, 0), event(START, 1)]))
+        self.assertTrue(self.queue.offer([event(START, 2), event(START, 3)]))
+        self.assertEqual(len(sink.batches), 1)
+        self.assertEqual(len(self.queue), 2)
+        self.assertFalse(self.queue.offer([event(START, 4)]))
+        sink.deferreds[0].callback(None)
+        self.assertEqual(len(sink.batches), 2)
+        self.assertTrue(self.queue.offer([event(START, 4), event(START, 5)]))
 
 
 class MaxPendingTests(BatcherTestsMixin, SynchronousTestCase):

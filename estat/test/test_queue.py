@@ -199,10 +199,74 @@ class CoalescedWakeupTests(SynchronousTestCase):
         self.assertEqual(queue.take(10), [(2.0, b"b"), (3.0, b"c")])
 
     def test_bound_holds(self):
+        """
+        Woken early, a consumer that takes only the first event leaves the
+        rest queued: what still does not fit is refused.
+        """
         queue = EventQueue(2, call_soon=lambda f: None)
-        queue.get()
+        got = queue.get()
         self.assertTrue(queue.offer([(1.0, b"a"), (2.0, b"b")]))
+        self.assertTrue(queue.offer([(3.0, b"c")]))
+        self.assertEqual(self.successResultOf(got), (1.0, b"a"))
+        self.assertFalse(queue.offer([(4.0, b"d")]))
+        self.assertEqual(queue.take(10), [(2.0, b"b"), (3.0, b"c")])
+
+    def test_full_offer_wakes_the_consumer_at_once(self):
+        """
+        An offer that would find the queue full while the consumer's wake
+        is still to come wakes it now: the consumer takes what is queued and
+        the offer fits.  (One reactor turn can read more requests than the
+        queue holds.)
+        """
+        scheduled = []
+        queue = EventQueue(3, call_soon=scheduled.append)
+        taken = []
+
+        def consume(first):
+            taken.append([first] + queue.take(10))
+
+        queue.get().addCallback(consume)
+        self.assertTrue(queue.offer([(1.0, b"a"), (2.0, b"b")]))
+        self.assertEqual(taken, [])
+        self.assertTrue(queue.offer([(3.0, b"c"), (4.0, b"d")]))
+        self.assertEqual(taken, [[(1.0, b"a"), (2.0, b"b")]])
+        self.assertEqual(queue.take(10), [(3.0, b"c"), (4.0, b"d")])
+        # The scheduled wake, run later, finds nobody waiting: harmless.
+        scheduled.pop()()
+        self.assertEqual(len(queue), 0)
+
+    def test_no_early_wake_for_more_than_the_bound(self):
+        """
+        A request bigger than the whole queue is refused without waking the
+        consumer: it could never fit.
+        """
+        scheduled = []
+        queue = EventQueue(2, call_soon=scheduled.append)
+        got = queue.get()
+        self.assertTrue(queue.offer([(1.0, b"a")]))
+        self.assertFalse(queue.offer([(2.0, b"b"), (3.0, b"c"), (4.0, b"d")]))
+        self.assertNoResult(got)
+
+    def test_room_for_wakes_a_consumer_due(self):
+        """
+        L{EventQueue.room_for} answers as L{EventQueue.offer} would: it
+        wakes a consumer due to be woken before it says no.
+        """
+        queue = EventQueue(2, call_soon=lambda f: None)
+        got = queue.get()
+        self.assertTrue(queue.offer([(1.0, b"a"), (2.0, b"b")]))
+        self.assertTrue(queue.room_for(1))
+        self.assertEqual(self.successResultOf(got), (1.0, b"a"))
+        self.assertFalse(queue.room_for(2))
+        self.assertTrue(queue.room_for(0))
+
+    def test_closed_queue_wakes_nobody(self):
+        queue = EventQueue(2, call_soon=lambda f: None)
+        got = queue.get()
+        self.assertTrue(queue.offer([(1.0, b"a"), (2.0, b"b")]))
+        queue.close()
         self.assertFalse(queue.offer([(3.0, b"c")]))
+        self.assertNoResult(got)
 
     def test_cancelled_consumer_is_not_woken(self):
         scheduled = []

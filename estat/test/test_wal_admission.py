@@ -338,10 +338,14 @@ class WiringTests(SynchronousTestCase):
         return build_service(config, _Reactor(), environ={"HOSTNAME": "h"})
 
     def test_memory(self) -> None:
-        from estat.ingest.core import QueueAdmission
+        from estat.ingest.admission import WaitingQueueAdmission
 
-        service = self.build()
-        self.assertIsInstance(service.core.admission, QueueAdmission)
+        service = self.build(queue_max_wait=0.5, queue_max_waiting_events=321)
+        admission = service.core.admission
+        self.assertIsInstance(admission, WaitingQueueAdmission)
+        self.assertIs(admission.queue, service.queue)
+        self.assertEqual((admission.max_wait, admission.max_waiting_events), (0.5, 321))
+        self.assertEqual(service.queue.on_room, admission._room)
         self.assertIsNone(service.wal)
         self.assertIsNone(service.http.settle)
         self.assertEqual(service.batcher.sink, service.uploader.upload)
@@ -351,6 +355,7 @@ class WiringTests(SynchronousTestCase):
                              wal_segment_size_bytes=999)
         admission = service.core.admission
         self.assertIsInstance(admission, WalAdmission)
+        self.assertIsNone(service.queue.on_room)
         self.assertIs(service.wal, admission.wal)
         self.assertEqual((service.wal.max_bytes, service.wal.segment_size), (12345, 999))
         self.assertEqual(service.batcher.sink, admission.sink)

@@ -95,7 +95,7 @@ class WalAdmission:
         the queue now, or C{None} (the log may still refuse them).
         """
         queue = self.queue
-        if queue.closed or count > queue.size - len(queue.pending) - self._reserved:
+        if queue.closed or not queue.room_for(count + self._reserved):
             return self._refusal["queue_full"]
         return None
 
@@ -104,7 +104,7 @@ class WalAdmission:
         queue = self.queue
         # Room on the queue is kept for what is being logged: an event made
         # durable must never find the queue full.
-        if queue.closed or count > queue.size - len(queue.pending) - self._reserved:
+        if queue.closed or not queue.room_for(count + self._reserved):
             done(self._refusal["queue_full"])
             return
         why = self.wal.log_events(self.stream, events,
@@ -227,7 +227,7 @@ class StoredAdmission:
         if self.waiting >= self.max_waiting:
             return self._refusal["ack_waiters_full"]
         queue = self.queue
-        if queue.closed or count > queue.size - len(queue.pending):
+        if queue.closed or not queue.room_for(count):
             return self._refusal["queue_full"]
         return None
 
