@@ -34,6 +34,7 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 
 from estat.http.protocol import FastHTTPFactory  # noqa: E402
+from estat.ingest.admission import WaitingQueueAdmission  # noqa: E402
 from estat.ingest.core import IngestCore, QueueAdmission  # noqa: E402
 from estat.metrics import Metrics  # noqa: E402
 from estat.queue import EventQueue  # noqa: E402
@@ -114,8 +115,10 @@ def main() -> int:
         from estat.dedup import DedupWindow
 
         dedup = DedupWindow(clock, window=600.0, max_ids=100_000)
-    core = IngestCore(admission=QueueAdmission(queue), metrics=metrics, clock=clock,
-                      dedup=dedup)
+    # The server's admission in ACK_MODE=memory (estat.tap).
+    admission = WaitingQueueAdmission(queue, clock=clock, metrics=metrics, max_wait=1.0,
+                                      max_waiting_events=4000, retry_after=1)
+    core = IngestCore(admission=admission, metrics=metrics, clock=clock, dedup=dedup)
     if args.plan:
         from estat.ingest.validation import EventValidation
         from estat.schema.plan import load_plan
