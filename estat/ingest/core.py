@@ -19,11 +19,12 @@ from typing import Any, Callable, NamedTuple
 
 import attr
 import orjson
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from ..dedup import DedupWindow, find_retries
 from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, ClientAddressResolver,
                      format_received_at, make_line, make_lines)
+from .interfaces import IAdmission
 from .access import _VARY, CorsPolicy, WriteKeys
 from .body import _NDJSON_SEEN, Limits, decode_content, decode_events, is_ndjson
 from .rejected import Rejected
@@ -98,22 +99,6 @@ class Refusal:
     reason: str = attr.ib()
     message: str = attr.ib()
     retry_after: int | None = attr.ib(default=None)
-
-
-class IAdmission(Interface):
-    """
-    Where accepted events go, and when they count as acknowledged: the
-    seam of the acknowledgement modes (C{ACK_MODE}).
-    """
-
-    def admit(events, done):
-        """
-        Take C{events}, a list of L{estat.event.QueuedEvent}.
-
-        Call C{done(None)} exactly once when they are admitted by this
-        mode's rule, or C{done(refusal)} with a L{Refusal}.  C{done} may be
-        called before C{admit} returns.
-        """
 
 
 @implementer(IAdmission)
