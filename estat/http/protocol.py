@@ -38,12 +38,13 @@ from typing import Callable, Mapping
 import httptools
 import orjson
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ILoggingContext, IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
+from zope.interface import classImplements
 
 from ..ingest.core import Answer, IngestRequest
 
@@ -276,14 +277,19 @@ class _ChannelTransport:
         pass
 
 
-class FastHTTPProtocol(Protocol):
+class FastHTTPProtocol:
     """
     One HTTP/1.1 connection.  See the module docstring.
+
+    A plain class with what Twisted asks of a protocol (L{IProtocol}),
+    not a subclass of L{Protocol}: so that, compiled (L{estat._compiled}),
+    its state is a C struct (C{protocol.pxd}) rather than a dictionary.
     """
 
-    factory: "FastHTTPFactory"
-
     def __init__(self) -> None:
+        self.factory: "FastHTTPFactory" = None  # type: ignore[assignment]
+        self.transport = None
+        self.connected = False
         self._parser = httptools.HttpRequestParser(self)
         self._pending: deque = deque()
         self._headers: dict = {}
@@ -314,6 +320,14 @@ class FastHTTPProtocol(Protocol):
         self._deadline_is_request = False
 
     # --- connection ---
+
+    def logPrefix(self) -> str:
+        return "FastHTTPProtocol"
+
+    def makeConnection(self, transport) -> None:
+        self.connected = True
+        self.transport = transport
+        self.connectionMade()
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -742,6 +756,9 @@ class FastHTTPProtocol(Protocol):
             slot.close = True
         return False
 
+
+# Not a decorator: a compiled (cdef) class takes none.
+classImplements(FastHTTPProtocol, IProtocol, ILoggingContext)
 
 #: A request line with a method llhttp does not know (BREW), as opposed to garbage.
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[01]\r\n")
