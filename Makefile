@@ -15,7 +15,7 @@ AWS_ACCOUNT_ID ?=
 ECR_REPO ?= estat
 ECR_REGISTRY = $(AWS_ACCOUNT_ID).dkr.ecr.$(AWS_REGION).amazonaws.com
 
-.PHONY: venv run-local test bench soak crash-soak build push clean
+.PHONY: venv compiled run-local test bench soak crash-soak build push clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,28 @@ $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# The compiled build of the hot modules, in place beside their sources
+# (estat/_compiled.py).  Without Cython or a C compiler it says so in one
+# line and the server runs pure Python.
+compiled: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+
 venv: $(STAMP)
 
-run-local: $(STAMP)
+run-local: $(STAMP) compiled
 	$(BIN)/twistd --nodaemon --pidfile= estat
 
-test: $(STAMP)
+#: The suites of the modules that are compiled, run again as pure Python.
+PURE_SUITES = estat/test/test_http_protocol.py estat/test/test_ingest.py \
+	estat/test/test_ingest_admission.py estat/test/test_ingest_validation.py \
+	estat/test/test_ingest_segment_api.py estat/test/test_http_routes.py \
+	estat/test/test_http_routes_clients.py estat/test/test_compiled.py \
+	estat/test/test_e2e_http_conformance.py
+
+test: $(STAMP) compiled
+	$(BIN)/python -c 'from estat._compiled import describe; print("estat build:", describe())'
 	$(BIN)/python -m pytest -q
+	ESTAT_PURE=1 $(BIN)/python -m pytest -q $(PURE_SUITES)
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
@@ -61,4 +76,5 @@ push: build
 	docker push $(ECR_REGISTRY)/$(ECR_REPO):$(TAG)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info estat-data
+	rm -rf $(VENV) build dist *.egg-info estat-data estat/_compiled.json
+	find estat \( -name '*.so' -o -name '*.c' \) -delete

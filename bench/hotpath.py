@@ -172,10 +172,8 @@ def main() -> int:
 
 
 def build_name() -> str:
-    try:
-        from estat._build import describe
-    except ImportError:
-        return "pure Python"
+    from estat._compiled import describe
+
     return describe()
 
 

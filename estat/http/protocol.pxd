@@ -1,0 +1,13 @@
+# The C layout of FastHTTPProtocol when protocol.py is compiled (Cython's
+# augmenting .pxd; see estat/_compiled.py).  protocol.py itself is plain
+# Python.  Every attribute stays reachable from Python ("public"), and
+# __dict__ keeps the protocol open to attributes set from outside.
+
+cdef class FastHTTPProtocol:
+    cdef dict __dict__
+    cdef public object factory, transport, _parser, _pending, _headers, _url, _body
+    cdef public object _method, _version, _path, _query, _route, _channel, peer
+    cdef public bint connected, _in_head, _in_message, _ending, _broken, _closing
+    cdef public bint _slow_busy, _paused, _write_blocked, _deadline_is_request
+    cdef public Py_ssize_t _body_size, _head_bytes, _completed, _head_raw, _begun
+    cdef public double deadline
