@@ -110,6 +110,38 @@ class FinderTests(SynchronousTestCase):
         self.assertEqual(self.warnings(), [])
         self.assertEqual(_compiled.loaded()["fakepkg.hot"], "ESTAT_PURE=1")
 
+    def test_extension_failing_at_import(self):
+        """
+        An extension that loads but raises while it runs its module code
+        (as a compiled module did when zope.interface refused its
+        compiled methods): the source is run into the module instead, with
+        one log line.
+        """
+        from estat._compiled import _FallbackLoader
+
+        class Failing:
+            name = "fakepkg.hot"
+
+            def create_module(self, spec):
+                return None
+
+            def exec_module(self, module):
+                raise TypeError("Concrete attribute, admit")
+
+        import importlib.util
+        import types
+
+        loader = _FallbackLoader(Failing(), self.source)
+        spec = importlib.util.spec_from_loader("fakepkg.hot", loader)
+        self.assertIsNone(loader.create_module(spec))
+        module = types.ModuleType("fakepkg.hot")
+        loader.exec_module(module)
+        self.assertEqual(module.WHICH, "source")
+        self.assertEqual(module.__file__, self.source)
+        [warning] = self.warnings()
+        self.assertIn("failed as it was imported", warning["log_format"])
+        self.assertIn("Concrete attribute", _compiled.loaded()["fakepkg.hot"])
+
     def test_other_modules_untouched(self):
         finder = CompiledFinder(modules=("fakepkg.hot",), manifest=self.manifest)
         self.assertIsNone(finder.find_spec("json", None))
