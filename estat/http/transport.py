@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import os
 import socket
+from errno import EWOULDBLOCK
 
 import attr
-from twisted.internet import defer, tcp
+from twisted.internet import defer, main, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
@@ -94,6 +95,19 @@ class DirectWriteServer(tcp.Server):
     def stopWriting(self) -> None:
         self._writing = False
         super().stopWriting()
+
+    def doRead(self):
+        # tcp.Connection's doRead and _dataReceived in one call.
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
 
     def startTLS(self, ctx, normal=True):
         raise NotImplementedError("the direct-write transport does not do TLS")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import error
+from twisted.internet import error, main
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
@@ -152,6 +152,30 @@ class DirectWriteServerTests(SynchronousTestCase):
             self.transport.doWrite()
         got.append(self.received())
         return b"".join(got)
+
+    def test_read_gives_the_protocol_what_arrived(self):
+        received = []
+        self.protocol.dataReceived = received.append
+        self.peer.send(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertIsNone(self.transport.doRead())
+        self.assertEqual(received, [b"GET / HTTP/1.1\r\n\r\n"])
+
+    def test_read_with_nothing_there_is_not_an_end(self):
+        received = []
+        self.protocol.dataReceived = received.append
+        self.assertIsNone(self.transport.doRead())
+        self.assertEqual(received, [])
+
+    def test_read_of_the_peer_closing_is_connection_done(self):
+        self.peer.close()
+        self.assertIs(self.transport.doRead(), main.CONNECTION_DONE)
+
+    def test_read_error_is_connection_lost(self):
+        def recv(size):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        self.socket.recv = recv
+        self.assertIs(self.transport.doRead(), main.CONNECTION_LOST)
 
     def test_writes_of_a_turn_leave_in_one_send_at_its_end(self):
         """
