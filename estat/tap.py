@@ -729,7 +729,23 @@ def makeService(options, reactor=None, environ=None, argv=None):
             sys.stderr.write(f"estat: {e}\n")
             raise SystemExit(2)
     tune_interpreter()
+    _note_reactor(reactor)
     return service
+
+
+def _note_reactor(reactor) -> None:
+    """
+    One line when the server runs on a reactor other than
+    L{estat.http.reactor}'s (C{twistd --reactor=estat}), which is faster.
+    """
+    kind = type(reactor)
+    if (kind.__module__, kind.__name__) == ("estat.http.reactor", "EstatEPollReactor"):
+        return
+    from twisted.logger import Logger
+
+    Logger(namespace="estat.tap").info(
+        "reactor {reactor}: twistd --reactor=estat dispatches HTTP reads faster "
+        "(docs/performance.md)", reactor=f"{kind.__module__}.{kind.__name__}")
 
 
 def _share_metrics(service: EstatService, config: Config, reactor, slot: int,

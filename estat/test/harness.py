@@ -643,6 +643,12 @@ def _twistd() -> str:
     return TWISTD
 
 
+#: The twistd options every process here is started with, as README's
+#: commands and the image start it: the reactor of estat.http.reactor.
+#: A test passes C{twistd_options=()} for plain C{twistd estat}.
+TWISTD_OPTIONS = ("--reactor=estat",)
+
+
 #: Environment variables Estat reads; the parent's values never leak in.
 def _estat_env() -> set:
     from estat.config import SETTINGS
@@ -680,7 +686,8 @@ class EstatProcess:
     """
 
     def __init__(self, env: dict | None = None, args: Iterable[str] = (),
-                 directory: str | None = None) -> None:
+                 directory: str | None = None,
+                 twistd_options: Iterable[str] = TWISTD_OPTIONS) -> None:
         self.directory = directory or tempfile.mkdtemp(prefix="estat-proc-")
         self.port = free_port()
         self.log_path = os.path.join(self.directory, "estat.log")
@@ -701,7 +708,7 @@ class EstatProcess:
         self.env = base
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [_twistd(), "-n", "--pidfile=", "estat", *args],
+            [_twistd(), "-n", "--pidfile=", *twistd_options, "estat", *args],
             cwd=self.directory, env=self.env, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
@@ -846,13 +853,14 @@ class EstatProcesses:
         self.base = base
         self.started: list = []
 
-    def start(self, env: dict | None = None, ready: bool = True) -> EstatProcess:
+    def start(self, env: dict | None = None, ready: bool = True,
+              twistd_options: Iterable[str] = TWISTD_OPTIONS) -> EstatProcess:
         """
         Start one process; wait until it is ready unless C{ready} is false.
         """
         directory = os.path.join(self.base, f"estat-{len(self.started)}")
         os.mkdir(directory)
-        estat = EstatProcess(env, directory=directory)
+        estat = EstatProcess(env, directory=directory, twistd_options=twistd_options)
         self.started.append(estat)
         if ready:
             estat.wait_ready()

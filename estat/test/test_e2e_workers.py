@@ -351,6 +351,10 @@ def test_two_workers_serve_one_port(start):
     names = " ".join(objects)
     assert "e2e-w0-" in names and "e2e-w1-" in names, sorted(objects)
     assert_no_worker_left(tracked, 5)
+    # The supervisor was started with --reactor=estat: so were its workers.
+    log = estat.log()
+    assert log.count("reactor class: estat.http.reactor.EstatEPollReactor") == 3, log[-3000:]
+    assert "reactor class: twisted.internet.epollreactor" not in log
 
 
 def test_sigterm_under_load_loses_nothing(start):

@@ -373,6 +373,19 @@ class WorkerHelpersTests(SynchronousTestCase):
             worker_argv("/venv/bin/python", ["/venv/bin/twistd", "-n", "estat", "--x=1"]),
             ["/venv/bin/python", "/venv/bin/twistd", "--nodaemon", "--pidfile=", "estat", "--x=1"])
 
+    def test_argv_keeps_the_reactor(self) -> None:
+        for given in (["--reactor=estat"], ["--reactor", "estat"], ["-r", "estat"], ["-restat"],
+                      ["--reactor=poll", "-n", "--reactor=estat"]):
+            self.assertEqual(
+                worker_argv("/py", ["/twistd", "-n", *given, "--pidfile=x", "estat", "--x=1"]),
+                ["/py", "/twistd", "--nodaemon", "--pidfile=", "--reactor=estat", "estat", "--x=1"],
+                given)
+
+    def test_argv_reactor_option_after_estat_is_the_plugins(self) -> None:
+        self.assertEqual(
+            worker_argv("/py", ["/twistd", "estat", "--reactor=estat"]),
+            ["/py", "/twistd", "--nodaemon", "--pidfile=", "estat", "--reactor=estat"])
+
     def test_environment(self) -> None:
         env = worker_environment({"A": "1"}, 3)
         self.assertEqual(env, {"A": "1", "ESTAT_WORKER_SLOT": "3",

@@ -379,12 +379,53 @@ def worker_argv(executable: str, argv: list) -> list:
     The command of a worker: the same C{twistd ... estat <options>} as the
     supervisor's, in the foreground and without a pid file.
     """
-    if "estat" in argv:
-        options = argv[argv.index("estat") + 1:]
+    at = _subcommand_at(argv)
+    if at is not None:
+        options = argv[at + 1:]
+        reactor = _reactor_options(argv[1:at])
     else:
         options = []
+        reactor = []
     twistd = argv[0] if argv else "twistd"
-    return [executable, twistd, "--nodaemon", "--pidfile=", "estat", *options]
+    return [executable, twistd, "--nodaemon", "--pidfile=", *reactor, "estat", *options]
+
+
+#: twistd's options that take the next word as their value.
+_TWISTD_VALUE_OPTIONS = frozenset((
+    "-r", "--reactor", "-l", "--logfile", "--pidfile", "--logger", "-d", "--rundir",
+    "-u", "--uid", "-g", "--gid", "--umask", "--chroot", "--prefix", "-p", "--profile",
+    "--profiler"))
+
+
+def _subcommand_at(argv: list) -> int | None:
+    """
+    Where the C{estat} subcommand is in twistd's C{argv} (not the value of
+    an option such as C{--reactor estat}), or C{None}.
+    """
+    for i in range(1, len(argv)):
+        if argv[i] == "estat" and argv[i - 1] not in _TWISTD_VALUE_OPTIONS:
+            return i
+    return None
+
+
+def _reactor_options(twistd_options: list) -> list:
+    """
+    The reactor the supervisor's twistd was told to use (C{--reactor=estat},
+    C{--reactor estat}, C{-r estat}), for its workers: the last one given.
+    """
+    chosen = []
+    i = 0
+    while i < len(twistd_options):
+        option = twistd_options[i]
+        if option.startswith("--reactor="):
+            chosen = [option]
+        elif option in ("--reactor", "-r") and i + 1 < len(twistd_options):
+            chosen = ["--reactor=" + twistd_options[i + 1]]
+            i += 1
+        elif option.startswith("-r") and not option.startswith("--") and len(option) > 2:
+            chosen = ["--reactor=" + option[2:]]
+        i += 1
+    return chosen
 
 
 def exit_with(reactor, status: int) -> None:
