@@ -35,4 +35,4 @@ EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-m", "estat.healthcheck", "/healthz"]
-ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--logger=estat.logs.observer", "estat"]
+ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "--reactor=estat", "--logger=estat.logs.observer", "estat"]

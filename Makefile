@@ -34,7 +34,7 @@ compiled: $(STAMP)
 venv: $(STAMP)
 
 run-local: $(STAMP) compiled
-	$(BIN)/twistd --nodaemon --pidfile= estat
+	$(BIN)/twistd --nodaemon --pidfile= --reactor=estat estat
 
 #: The suites of the modules that are compiled, run again as pure Python.
 PURE_SUITES = estat/test/test_http_protocol.py estat/test/test_ingest.py \

@@ -54,6 +54,8 @@ from estat.test.harness import FaultProxy, MotoServer, free_port, parse_metrics,
 
 #: --estat-path: run the servers from another checkout (see start_estat).
 ESTAT_PATH = ""
+#: --reactor: the twistd options that choose the server's reactor.
+REACTOR_ARGS: list = []
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -242,7 +244,7 @@ def start_estat(directory: str, extra: dict) -> Server:
     if ESTAT_PATH:
         # Another checkout's estat (the "before" of a change), on this venv.
         env["PYTHONPATH"] = ESTAT_PATH
-    return Server([twistd(), "-n", "--pidfile=", "estat"], env, directory, port)
+    return Server([twistd(), "-n", "--pidfile=", *REACTOR_ARGS, "estat"], env, directory, port)
 
 
 def start_baseline(directory: str, forms: bool = True) -> Server:
@@ -315,7 +317,9 @@ def _code_version() -> str:
                              capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         rev = "?"
-    return f"estat at {rev}" + (f" ({root})" if ESTAT_PATH else "")
+    reactor = REACTOR_ARGS[0].split("=", 1)[1] if REACTOR_ARGS else "Twisted's default"
+    return (f"estat at {rev}" + (f" ({root})" if ESTAT_PATH else "")
+            + f", reactor {reactor}")
 
 
 def summary(values: list) -> str:
@@ -386,9 +390,18 @@ def main() -> int:
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--estat-path", default="",
                         help="serve from this checkout of estat instead (a 'before' run)")
+    parser.add_argument("--reactor", default=None,
+                        help="twistd's --reactor for the server: 'estat' (default, as README's "
+                             "commands start it) where the checkout has estat/http/reactor.py, "
+                             "else Twisted's default; 'default' for Twisted's")
     args = parser.parse_args()
-    global ESTAT_PATH
+    global ESTAT_PATH, REACTOR_ARGS
     ESTAT_PATH = os.path.abspath(args.estat_path) if args.estat_path else ""
+    reactor = args.reactor
+    if reactor is None:
+        has_it = os.path.exists(os.path.join(ESTAT_PATH or ROOT, "estat", "http", "reactor.py"))
+        reactor = "estat" if has_it else "default"
+    REACTOR_ARGS = [] if reactor == "default" else [f"--reactor={reactor}"]
     only = set(filter(None, args.only.split(",")))
 
     def want(name: str) -> bool:
