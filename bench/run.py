@@ -54,8 +54,10 @@ from estat.test.harness import FaultProxy, MotoServer, free_port, parse_metrics,
 
 #: --estat-path: run the servers from another checkout (see start_estat).
 ESTAT_PATH = ""
-#: --reactor: the twistd options that choose the server's reactor.
-REACTOR_ARGS: list = []
+#: --reactor: the twistd options that choose the server's reactor (the
+#: estat reactor, as README's commands start it, for the scripts that call
+#: start_estat without main()).
+REACTOR_ARGS: list = ["--reactor=estat"]
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
