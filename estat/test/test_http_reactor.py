@@ -102,6 +102,16 @@ class ReactorCase(SynchronousTestCase):
         self.turn_until(read)
         return bytes(got)
 
+    def assert_answered_in_its_context(self) -> None:
+        """
+        A read is answered, and handled in the legacy log context whose
+        C{system} is the connection's prefix (Twisted's dispatch).
+        """
+        self.client.sendall(b"ping")
+        self.turn_until(lambda: self.protocol.received)
+        self.assertEqual(self.answer(8), b"got ping")
+        self.assertEqual(self.protocol.systems, [self.protocol.transport.logstr])
+
     def turn_until(self, done) -> None:
         for _ in range(200):
             if done():
@@ -156,10 +166,10 @@ class DispatchTests(ReactorCase):
         self.assertEqual(self.protocol.received, [])
         self.protocol.lost[0].trap(error.ConnectionFdescWentAway)
 
-    def test_writes_waiting_for_room_take_twistds_path(self) -> None:
+    def test_writes_waiting_for_room(self) -> None:
         # A big answer the kernel cannot take at once: the connection is
-        # registered for writing and its EPOLLOUT events go through
-        # Twisted's own dispatch; every byte arrives, in order.
+        # registered for writing until its EPOLLOUT events have sent it;
+        # every byte arrives, in order.
         big = b"x" * (8 << 20)
         self.protocol.transport.write(big)
         self.turn()
@@ -178,10 +188,7 @@ class OtherSelectablesTests(ReactorCase):
     port_type = tcp.Port
 
     def test_context_kept(self) -> None:
-        self.client.sendall(b"ping")
-        self.turn_until(lambda: self.protocol.received)
-        self.assertEqual(self.answer(8), b"got ping")
-        self.assertEqual(self.protocol.systems, [self.protocol.transport.logstr])
+        self.assert_answered_in_its_context()
 
 
 class StockReactorTests(ReactorCase):
@@ -192,10 +199,7 @@ class StockReactorTests(ReactorCase):
     reactor_type = EPollReactor
 
     def test_stock_reactor_sets_the_context(self) -> None:
-        self.client.sendall(b"ping")
-        self.turn_until(lambda: self.protocol.received)
-        self.assertEqual(self.answer(8), b"got ping")
-        self.assertEqual(self.protocol.systems, [self.protocol.transport.logstr])
+        self.assert_answered_in_its_context()
 
 
 class PluginTests(SynchronousTestCase):
