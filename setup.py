@@ -80,7 +80,10 @@ def _extensions() -> list:
 # a plain `pip install .`.
 setup(
     packages=find_packages(include=["estat", "estat.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["estat_plugin.py"], "estat": ["*.json"]},
+    # The .pxd files are the compiled build's C types: an sdist built elsewhere
+    # compiles the same.
+    package_data={"twisted.plugins": ["estat_plugin.py"], "estat": ["*.json", "*.pxd"],
+                  "estat.http": ["*.pxd"], "estat.ingest": ["*.pxd"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )
