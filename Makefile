@@ -38,6 +38,7 @@ run-local: $(STAMP) compiled
 
 #: The suites of the modules that are compiled, run again as pure Python.
 PURE_SUITES = estat/test/test_http_protocol.py estat/test/test_ingest.py \
+	estat/test/test_metrics.py estat/test/test_event.py \
 	estat/test/test_ingest_admission.py estat/test/test_ingest_validation.py \
 	estat/test/test_ingest_segment_api.py estat/test/test_http_routes.py \
 	estat/test/test_http_routes_clients.py estat/test/test_compiled.py \

@@ -10,7 +10,7 @@ sys.path.insert(0, HERE)
 
 #: The modules Cython compiles (estat/_compiled.py loads them, or their
 #: source when they are missing or stale).
-COMPILED = ("estat.http.protocol", "estat.ingest.core")
+COMPILED = ("estat.http.protocol", "estat.ingest.core", "estat.metrics", "estat.event")
 
 
 def _source(module: str) -> str:

@@ -32,7 +32,7 @@ import sys
 __all__ = ["MODULES", "MANIFEST", "install", "describe", "loaded"]
 
 #: The modules compiled, and the sources they are built from.
-MODULES = ("estat.http.protocol", "estat.ingest.core")
+MODULES = ("estat.http.protocol", "estat.ingest.core", "estat.metrics", "estat.event")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Written by the build: {module: SHA-256 of the source it was built from}.

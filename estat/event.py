@@ -200,6 +200,13 @@ class _ReceivedAtFormatter:
         self._prefix = ""
 
     def __call__(self, when: float) -> str:
+        return self.format(when)
+
+    def format(self, when: float) -> str:
+        """
+        C{when} as C{2026-12-07T10:56:01.123Z}.  (A method, not only
+        C{__call__}: compiled, the ingest core calls it as a C function.)
+        """
         # Within the second already formatted (nearly every call): the
         # same split as below, as when - int(when) is exact for when >= 1.
         second = int(when)

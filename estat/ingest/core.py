@@ -159,7 +159,7 @@ def _not_at_once(events: list) -> bool:
 
 def _rewire(core: "IngestCore", attribute, value):
     object.__setattr__(core, attribute.name, value)
-    if hasattr(core, "_peer_is_client"):
+    if hasattr(core, "_one_pass"):
         core._wire()
     return value
 
@@ -198,22 +198,12 @@ class IngestCore:
         self._keys_required = self.write_keys.required
         resolver = self.client_addresses
         self._peer_is_client = not resolver.trusted and not resolver.anonymize
-        self._wire()
-        self._event_size = self.limits.event_size
-        self._no_cors = not self.cors.origins
-        metrics = self.metrics
-        self._requests = metrics.http_requests
-        self._requests_accepted = metrics.http_requests_accepted
-        self._events_accepted = metrics.events_accepted
-        self._duration = metrics.http_request_duration
+        self._one_pass = _OnePass(self)
 
     def _wire(self) -> None:
-        # What the one-pass path of handle() needs, looked up once (and
-        # again when the admission, the plan or the dedup window change).
-        try_admit = getattr(self.admission, "try_admit", None)
-        self._try_admit: Callable[[list], bool] = try_admit or _not_at_once
-        self._general = (try_admit is None or self.validation is not None
-                         or not self._peer_is_client)
+        # What the one-pass path of handle() needs, looked up again when
+        # the admission, the plan or the dedup window change.
+        self._one_pass.wire(self)
 
     def collect(self, request: IngestRequest, respond: Callable[[Answer], None]) -> None:
         """
@@ -224,74 +214,25 @@ class IngestCore:
         if answer is not None:
             respond(answer)
 
-    def handle(self, request: IngestRequest, respond: Callable[[Answer], None]) -> Answer | None:
+    @property
+    def handle(self) -> Callable[[IngestRequest, Callable[[Answer], None]], Answer | None]:
         """
-        L{collect} for a front end that can take the answer back: return
-        the L{Answer} when it is decided before this returns (C{respond}
-        is then never called), or C{None}, and C{respond(answer)} is
-        called exactly once (perhaps before this returns).
+        L{collect} for a front end that can take the answer back:
+        C{handle(request, respond)} returns the L{Answer} when it is
+        decided before it returns (C{respond} is then never called), or
+        C{None}, and C{respond(answer)} is called exactly once (perhaps
+        before it returns).
 
         The common request (one plain JSON object, in a mode that admits
-        at once, with no tracking plan and no dedup window) is decided here
-        in one pass, with no closure and no temporary object but its line:
-        the same rules as L{_collect}, which every other request takes and
+        at once, with no tracking plan and no dedup window) is decided in
+        one pass (L{_OnePass}); every other request takes L{_collect},
         where each rule is spelled out.  The test suites drive both.
+
+        (A property giving the one-pass path's own method, which stays the
+        same for the life of this core: a front end calls it with no
+        L{IngestCore} frame in between.)
         """
-        if request.method != b"POST" or self._general:
-            return self._collect(request, respond)
-        headers = request.headers
-        body = request.body
-        if (not body or body[0] != 123 or len(body) > self._event_size  # 123: "{"
-                or b"content-encoding" in headers
-                or _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)):
-            return self._collect(request, respond)
-        content_type = headers.get(b"content-type")
-        if content_type is not None and _NDJSON_SEEN.get(content_type) is not False \
-                and is_ndjson(content_type):
-            return self._collect(request, respond)
-        source = None
-        if self._keys_required:
-            allowed, source = self.write_keys.source(self.write_keys.presented(request))
-            if not allowed:
-                return self._collect(request, respond)
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return self._collect(request, respond)
-        if type(obj) is not dict or SERVER_FIELD in obj or (
-                self.dedup is not None and obj.get("messageId")):
-            return self._collect(request, respond)
-        received = request.received_at
-        agent = headers.get(b"user-agent")
-        fields = {
-            "received_at": format_received_at(received),
-            "ip": request.peer,
-            "user_agent": agent.decode("utf-8", "replace") if agent is not None else None,
-        }
-        if source is not None and self.record_source:
-            fields["source"] = source
-        obj[SERVER_FIELD] = fields
-        try:
-            # A right-sized copy: see estat.event.make_line.
-            line = memoryview(orjson.dumps(obj)).tobytes()
-        except (orjson.JSONEncodeError, TypeError):
-            del obj[SERVER_FIELD]
-            return self._collect(request, respond)
-        if not self._try_admit([(received, line)]):
-            # Not admitted at once: the general path asks the admission
-            # (which may wait, or refuse) with a callback.
-            del obj[SERVER_FIELD]
-            return self._collect(request, respond)
-        self._requests.value += 1
-        self._requests_accepted.value += 1
-        self._events_accepted.value += 1
-        self._duration.observe(self.clock.seconds() - received)
-        if self._no_cors:
-            answer = _ACCEPTED_ANSWERS.get(_VARY)
-            if answer is not None:
-                return answer
-            return self._accepted(_VARY, 1, None)
-        return self._accepted(self.cors.headers(request), 1, None)
+        return self._one_pass.handle
 
     def _accepted(self, cors: tuple, count: int, reply: bytes | None) -> Answer:
         """
@@ -477,6 +418,103 @@ class IngestCore:
         self.metrics.events_rejected.labels(reason).inc(events)
         self.metrics.http_request_duration.observe(self.clock.seconds() - received)
         return error_answer(status, message, headers, **extra)
+
+
+class _OnePass:
+    """
+    The one-pass path of L{IngestCore.handle}: the same rules as
+    L{IngestCore._collect}, for the common request only, with no closure
+    and no temporary object but its line, and every setting it needs
+    looked up once (L{wire}) rather than per request.
+
+    A plain class: compiled (L{estat._compiled}), C{core.pxd} makes it a C
+    struct whose counters, histogram and formatter are called as C.
+    """
+
+    def __init__(self, core: IngestCore) -> None:
+        self.core = core
+        self._received_at = format_received_at
+        metrics = core.metrics
+        self._requests = metrics.http_requests
+        self._requests_accepted = metrics.http_requests_accepted
+        self._events_accepted = metrics.events_accepted
+        self._duration = metrics.http_request_duration
+        self._seconds = core.clock.seconds
+        self._collect = core._collect
+        self._event_size = core.limits.event_size
+        self._keys_required = core.write_keys.required
+        self.write_keys = core.write_keys
+        self.cors = core.cors
+        self._no_cors = not core.cors.origins
+        self.record_source = core.record_source
+        self._accepted_plain = core._accepted(_VARY, 1, None)
+        self.wire(core)
+
+    def wire(self, core: IngestCore) -> None:
+        """
+        Look up again what may change after the core is made: its
+        admission, tracking plan and dedup window.
+        """
+        try_admit = getattr(core.admission, "try_admit", None)
+        self._try_admit = try_admit or _not_at_once
+        self.dedup = core.dedup
+        self._general = (try_admit is None or core.validation is not None
+                         or not core._peer_is_client)
+
+    def handle(self, request: IngestRequest, respond: Callable[[Answer], None]) -> Answer | None:
+        """
+        L{IngestCore.handle}.
+        """
+        method, _path, _query, headers, body, peer, received = request
+        if method != b"POST" or self._general:
+            return self._collect(request, respond)
+        if (not body or body[0] != 123 or len(body) > self._event_size  # 123: "{"
+                or b"content-encoding" in headers
+                or _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)):
+            return self._collect(request, respond)
+        content_type = headers.get(b"content-type")
+        if content_type is not None and _NDJSON_SEEN.get(content_type) is not False \
+                and is_ndjson(content_type):
+            return self._collect(request, respond)
+        source = None
+        if self._keys_required:
+            allowed, source = self.write_keys.source(self.write_keys.presented(request))
+            if not allowed:
+                return self._collect(request, respond)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._collect(request, respond)
+        if type(obj) is not dict or SERVER_FIELD in obj or (
+                self.dedup is not None and obj.get("messageId")):
+            return self._collect(request, respond)
+        agent = headers.get(b"user-agent")
+        fields = {
+            "received_at": self._received_at.format(received),
+            "ip": peer,
+            "user_agent": agent.decode("utf-8", "replace") if agent is not None else None,
+        }
+        if source is not None and self.record_source:
+            fields["source"] = source
+        obj[SERVER_FIELD] = fields
+        try:
+            # A right-sized copy: see estat.event.make_line.
+            line = memoryview(orjson.dumps(obj)).tobytes()
+        except (orjson.JSONEncodeError, TypeError):
+            del obj[SERVER_FIELD]
+            return self._collect(request, respond)
+        if not self._try_admit([(received, line)]):
+            # Not admitted at once: the general path asks the admission
+            # (which may wait, or refuse) with a callback.
+            del obj[SERVER_FIELD]
+            return self._collect(request, respond)
+        self._requests.value += 1
+        self._requests_accepted.value += 1
+        self._events_accepted.value += 1
+        self._duration.observe(self._seconds() - received)
+        if self._no_cors:
+            return self._accepted_plain
+        return self.core._accepted(self.cors.headers(request), 1, None)
 
 
 def _forwarded_for(headers: dict) -> list | None:

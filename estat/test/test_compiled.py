@@ -186,3 +186,52 @@ class BuildTests(SynchronousTestCase):
         environ = {k: v for k, v in os.environ.items() if k != "ESTAT_PURE"}
         for name, path in _which(environ).items():
             self.assertTrue(path.endswith(SUFFIX), (name, path))
+
+    def test_core_falls_back_when_metrics_is_not_compiled(self):
+        """
+        The compiled ingest core uses the compiled counters of
+        L{estat.metrics} as C structs: when L{estat.metrics} runs from its
+        source (edited since the build), the core's extension cannot load,
+        and the core runs from its source too, with a log line; the server
+        still answers.  (A copy of the built package in a temporary
+        directory, its C{metrics.py} edited.)
+        """
+        if os.environ.get("ESTAT_PURE") == "1":
+            raise self.skipTest("the pure-Python run")
+        if not os.path.exists(MANIFEST):
+            raise self.skipTest("not built here (no estat/_compiled.json)")
+        copy = tempfile.mkdtemp()
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", copy]))
+        subprocess.run(["cp", "-r", os.path.join(ROOT, "estat"), copy], check=True)
+        with open(os.path.join(copy, "estat", "metrics.py"), "a") as f:
+            f.write("\n# edited after the build\n")
+        code = (
+            "import json, sys\n"
+            "from twisted.logger import globalLogBeginner, textFileLogObserver\n"
+            "globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])\n"
+            "import estat._compiled as c\n"
+            "from estat.ingest.core import IngestCore, IngestRequest\n"
+            "from estat.ingest.admission import WaitingQueueAdmission\n"
+            "from estat.metrics import Metrics\n"
+            "from estat.queue import EventQueue\n"
+            "from prometheus_client import CollectorRegistry\n"
+            "from twisted.internet.task import Clock\n"
+            "clock, metrics, queue = Clock(), Metrics(CollectorRegistry()), EventQueue(10)\n"
+            "core = IngestCore(admission=WaitingQueueAdmission(queue, clock, metrics),\n"
+            "                  metrics=metrics, clock=clock)\n"
+            "answer = core.handle(IngestRequest(b'POST', b'/collect', b'', {},\n"
+            "                     b'{\"event\":\"x\"}', '192.0.2.1', 1.0), None)\n"
+            "sys.__stdout__.write(json.dumps([answer.status, len(queue),\n"
+            "    metrics.http_requests.value, sys.modules['estat.ingest.core'].__file__,\n"
+            "    c.loaded()]) + '\\n')\n")
+        environ = {k: v for k, v in os.environ.items() if k != "ESTAT_PURE"}
+        environ["PYTHONPATH"] = copy
+        out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=environ,
+                             capture_output=True, text=True, check=True)
+        status, queued, requests, core_file, chosen = json.loads(
+            out.stdout.strip().splitlines()[-1])
+        self.assertEqual((status, queued, requests), (202, 1, 1))
+        self.assertTrue(core_file.startswith(copy) and core_file.endswith("core.py"), core_file)
+        self.assertEqual(chosen["estat.metrics"], "stale: the source changed since the build")
+        self.assertIn("extension failed at import", chosen["estat.ingest.core"])
+        self.assertIn("estat.ingest.core: the compiled extension failed", out.stderr)
