@@ -14,3 +14,7 @@ cdef class FastHTTPProtocol:
     cdef public bint _slow_busy, _paused, _write_blocked, _deadline_is_request
     cdef public Py_ssize_t _body_size, _head_bytes, _completed, _head_raw, _begun
     cdef public double deadline
+
+cdef class _Slot:
+    cdef public object data, slow, protocol
+    cdef public bint close, keep_alive_10, head

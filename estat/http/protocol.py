@@ -130,14 +130,14 @@ class _Slot:
     arguments triples the cost.)
     """
 
-    data: bytes | None = None
-    close: bool = False
-    keep_alive_10: bool = False
-    head: bool = False
+    data: bytes | None
+    close: bool
+    keep_alive_10: bool
+    head: bool
     #: (method, target, version, headers, body) for the twisted.web channel
-    slow: tuple | None = None
+    slow: tuple | None
     #: the connection, for an answer given later (L{__call__})
-    protocol: "FastHTTPProtocol" = None  # type: ignore[assignment]
+    protocol: "FastHTTPProtocol"
 
     def __call__(self, answer: Answer) -> None:
         """
@@ -146,6 +146,21 @@ class _Slot:
         """
         protocol = self.protocol
         protocol._answer(self, answer, protocol.factory.clock.seconds())
+
+
+def _defaults(cls: type, **values) -> None:
+    """
+    Give C{cls} class attributes as defaults, unless compiled: there
+    (C{protocol.pxd}) it is a C struct, whose fields start as C{None} and
+    C{False} anyway, and whose class takes no attributes.
+    """
+    for name, value in values.items():
+        if name not in cls.__dict__:
+            setattr(cls, name, value)
+
+
+_defaults(_Slot, data=None, close=False, keep_alive_10=False, head=False, slow=None,
+          protocol=None)
 
 
 def _slot(data: bytes | None = None, close: bool = False, slow: tuple | None = None) -> _Slot:
