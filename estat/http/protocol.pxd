@@ -6,13 +6,15 @@
 cdef class FastHTTPProtocol:
     cdef dict __dict__
     cdef public object factory, transport, _parser, _pending, _route, _channel, peer
+    cdef public object _seconds
+    cdef public dict _routes
     cdef public dict _headers
     cdef public list _body
     cdef public bytes _url, _method, _path, _query
     cdef public str _version
     cdef public bint connected, _in_head, _in_message, _ending, _broken, _closing
     cdef public bint _slow_busy, _paused, _write_blocked, _deadline_is_request
-    cdef public Py_ssize_t _body_size, _head_bytes, _completed, _head_raw, _begun
+    cdef public Py_ssize_t _max_body_size, _body_size, _head_bytes, _completed, _head_raw, _begun
     cdef public double deadline
 
 cdef class _Slot:

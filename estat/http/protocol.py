@@ -145,7 +145,7 @@ class _Slot:
         handler returns, when it did not return it).
         """
         protocol = self.protocol
-        protocol._answer(self, answer, protocol.factory.clock.seconds())
+        protocol._answer(self, answer, protocol._seconds())
 
 
 def _defaults(cls: type, **values) -> None:
@@ -330,6 +330,9 @@ class FastHTTPProtocol:
         self._paused = False         # too many answers waiting
         self._write_blocked = False  # the transport's buffer is full
         self.peer = ""
+        self._seconds = None       # the factory's clock.seconds (connectionMade)
+        self._routes: dict = {}
+        self._max_body_size = 0
         #: clock seconds when this connection's deadline passes (0: none)
         self.deadline = 0.0
         self._deadline_is_request = False
@@ -346,6 +349,10 @@ class FastHTTPProtocol:
 
     def connectionMade(self) -> None:
         factory = self.factory
+        # What every request reads of the factory, which it never changes.
+        self._seconds = factory.clock.seconds
+        self._routes = factory.routes
+        self._max_body_size = factory.max_body_size
         factory.channels.add(self)
         transport = self.transport
         try:
@@ -356,7 +363,7 @@ class FastHTTPProtocol:
         # Answers a client does not read back up in the transport: it then
         # pauses us, and we stop reading its requests (pauseProducing).
         transport.registerProducer(self, True)
-        self._idle(factory.clock.seconds())
+        self._idle(self._seconds())
 
     def connectionLost(self, reason) -> None:
         self._broken = True
@@ -420,7 +427,7 @@ class FastHTTPProtocol:
         if self._in_message and not self._deadline_is_request and not self._broken:
             timeout = self.factory.request_timeout
             if timeout:
-                self.deadline = self.factory.clock.seconds() + timeout
+                self.deadline = self._seconds() + timeout
                 self._deadline_is_request = True
         if self._in_head and not self._broken:
             # A header section still arriving: bound what it may hold
@@ -500,7 +507,7 @@ class FastHTTPProtocol:
             raise _Refused(400, "bad_request", _json_error(
                 "unsupported Transfer-Encoding; only chunked is accepted"))
         length = headers.get(b"content-length")
-        if length is not None and int(length) > factory.max_body_size:
+        if length is not None and int(length) > self._max_body_size:
             factory.on_too_large()
             raise _Refused(413, "", _too_large(factory.max_body_size))
         expect = headers.get(b"expect")
@@ -515,11 +522,11 @@ class FastHTTPProtocol:
             url = self._url = _origin_form(url)
         path, _, self._query = url.partition(b"?")
         self._path = path
-        self._route = factory.routes.get(path)
+        self._route = self._routes.get(path)
 
     def on_body(self, data: bytes) -> None:
         size = self._body_size + len(data)
-        if size > self.factory.max_body_size:
+        if size > self._max_body_size:
             self.factory.on_too_large()
             raise _Refused(413, "", _too_large(self.factory.max_body_size))
         self._body_size = size
@@ -556,7 +563,7 @@ class FastHTTPProtocol:
         if len(pending) > MAX_PIPELINED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        now = factory.clock.seconds()
+        now = self._seconds()
         # tuple.__new__: an IngestRequest without the Python-level __new__.
         answer = route(_new_tuple(IngestRequest, (self._method, self._path, self._query,
                                                   self._headers, body, self.peer, now)), slot)
@@ -674,7 +681,7 @@ class FastHTTPProtocol:
             if not self._write_blocked:
                 transport.resumeProducing()
         if not self._in_message and not self._broken:
-            self._idle(self.factory.clock.seconds())
+            self._idle(self._seconds())
 
     def _start_slow(self, slot: _Slot) -> None:
         channel = self._channel
