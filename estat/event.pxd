@@ -9,3 +9,5 @@ cdef class _ReceivedAtFormatter:
 
     @cython.locals(second=cython.longlong)
     cpdef str format(self, double when)
+
+cpdef bint _has_long_digit_run(body)

@@ -92,7 +92,10 @@ _NINETEEN_DIGITS = b"0" * 19
 
 
 def _has_long_digit_run(body: bytes) -> bool:
-    return _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)
+    # find(), not "in": bytes.__contains__ first tries its argument as an
+    # integer, and raises (and drops) a TypeError with a formatted message
+    # for anything else: 90 ns per request here.
+    return body.translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS) >= 0
 
 
 def parse_json(body: bytes) -> Any:

@@ -17,8 +17,7 @@ import attr
 
 import orjson
 
-from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, EventRejected,
-                     check_event, parse_json)
+from ..event import SERVER_FIELD, EventRejected, _has_long_digit_run, check_event, parse_json
 from .rejected import Rejected
 
 __all__ = ["Limits", "decode_content", "decode_events", "is_ndjson"]
@@ -129,7 +128,7 @@ def decode_events(body: bytes, content_type: bytes | None, limits: Limits) -> tu
         return _decode_ndjson(body, limits), True
     first = body[:1]
     if (first == b"{" and len(body) <= limits.event_size
-            and _NINETEEN_DIGITS not in body.translate(_DIGITS_TO_ZERO)):
+            and not _has_long_digit_run(body)):
         # The common case, one plain object, in one step; anything else
         # (and every refusal) takes the general path below.
         try:

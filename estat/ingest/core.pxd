@@ -6,7 +6,7 @@
 # the source runs instead (one log line).
 
 cimport cython
-from estat.event cimport _ReceivedAtFormatter
+from estat.event cimport _ReceivedAtFormatter, _has_long_digit_run
 from estat.metrics cimport HotCounter, HotHistogram
 
 cdef class _OnePass:

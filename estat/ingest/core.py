@@ -22,7 +22,7 @@ import orjson
 from zope.interface import implementer
 
 from ..dedup import DedupWindow, find_retries
-from ..event import (_DIGITS_TO_ZERO, _NINETEEN_DIGITS, SERVER_FIELD, ClientAddressResolver,
+from ..event import (SERVER_FIELD, ClientAddressResolver, _has_long_digit_run,
                      format_received_at, make_line, make_lines)
 from .interfaces import IAdmission
 from .access import _VARY, CorsPolicy, WriteKeys
@@ -470,7 +470,7 @@ class _OnePass:
             return self._collect(request, respond)
         if (not body or body[0] != 123 or len(body) > self._event_size  # 123: "{"
                 or b"content-encoding" in headers
-                or _NINETEEN_DIGITS in body.translate(_DIGITS_TO_ZERO)):
+                or _has_long_digit_run(body)):
             return self._collect(request, respond)
         content_type = headers.get(b"content-type")
         if content_type is not None and _NDJSON_SEEN.get(content_type) is not False \
