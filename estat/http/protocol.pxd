@@ -20,3 +20,5 @@ cdef class FastHTTPProtocol:
 cdef class _Slot:
     cdef public object data, slow, protocol
     cdef public bint close, keep_alive_10, head
+
+cpdef str _http_version(parser, dict headers)

@@ -112,6 +112,26 @@ class _Refused(Exception):
         self.message = message
 
 
+def _http_version(parser, headers: dict) -> str:
+    """
+    The request's HTTP version, as C{parser.get_http_version()} gives it,
+    once its header section is parsed; without that call (2.5k
+    instructions, a third of the header section's, for its
+    C{str.format}) in the common case.
+
+    llhttp accepts only the versions 0.9, 1.0, 1.1 and 2.0 (no leniency is
+    set here); and, for a request, C{llhttp_should_keep_alive} is true
+    without a C{Connection} field only when both the major and the minor
+    version are above zero (an HTTP/1.0 or 0.9 connection persists only
+    with C{Connection: keep-alive}, an HTTP/1.1 one unless
+    C{Connection: close}).  So a request with no C{Connection} field that
+    should be kept alive is HTTP/1.1.  Any other asks the parser.
+    """
+    if b"connection" not in headers and parser.should_keep_alive():
+        return "1.1"
+    return parser.get_http_version()
+
+
 def _json_error(message: str, **extra) -> bytes:
     body = {"error": message}
     body.update(extra)
@@ -490,7 +510,7 @@ class FastHTTPProtocol:
         if (self._head_bytes + 4 * len(headers) + len(url) > MAX_HEADER_BYTES
                 or len(headers) > MAX_HEADER_FIELDS):
             raise _Refused(431, "header_too_large", _HEADERS_TOO_LARGE)
-        version = self._version = parser.get_http_version()
+        version = self._version = _http_version(parser, headers)
         if version != "1.1" and version != "1.0":
             raise _Refused(505, "bad_version", _json_error(
                 "HTTP version not supported; use HTTP/1.1"))

@@ -514,3 +514,75 @@ class ProtocolTests(SynchronousTestCase):
         protocol.dataReceived(b"st: x\r\nContent-Length: 2\r\n\r\n{}")
         statuses = [s for s, _, _ in parse_all(transport.value())]
         self.assertEqual(statuses, [202] * 202)
+
+
+class HTTPVersionTests(SynchronousTestCase):
+    """
+    L{_http_version} gives what C{get_http_version} would, without asking
+    it in the common case: checked on llhttp itself for every version it
+    accepts, with and without each C{Connection} field.
+    """
+
+    def parsed(self, head: bytes):
+        import httptools
+
+        from estat.http.protocol import _http_version
+
+        seen: dict = {}
+
+        class Probe:
+            def __init__(self) -> None:
+                self.headers: dict = {}
+
+            def on_header(self, name, value):
+                self.headers[name.lower()] = value
+
+            def on_headers_complete(self):
+                seen["ours"] = _http_version(parser, self.headers)
+                seen["llhttp"] = parser.get_http_version()
+
+        parser = httptools.HttpRequestParser(Probe())
+        parser.feed_data(head)
+        return seen
+
+    def test_same_as_llhttp(self):
+        checked = 0
+        for version in (b"0.9", b"1.0", b"1.1", b"2.0"):
+            for connection in (None, b"close", b"keep-alive", b"upgrade", b"Keep-Alive, x",
+                               b"CLOSE"):
+                for method, body in ((b"POST", b"Content-Length: 2\r\n"), (b"GET", b"")):
+                    head = b"%s /collect HTTP/%s\r\nHost: a\r\n%s" % (method, version, body)
+                    if connection is not None:
+                        head += b"Connection: " + connection + b"\r\n"
+                    seen = self.parsed(head + b"\r\n")
+                    self.assertEqual(seen["ours"], seen["llhttp"], head)
+                    checked += 1
+        self.assertEqual(checked, 48)
+
+    def test_the_shortcut_is_taken(self):
+        """
+        HTTP/1.1 without a C{Connection} field is answered without the
+        parser's C{get_http_version}.
+        """
+        from estat.http.protocol import _http_version
+
+        class Parser:
+            def should_keep_alive(self):
+                return True
+
+            def get_http_version(self):
+                raise AssertionError("asked")
+
+        self.assertEqual(_http_version(Parser(), {b"host": b"a"}), "1.1")
+
+    def test_no_other_version_reaches_it(self):
+        """
+        The reasoning holds only while llhttp refuses every version but
+        0.9, 1.0, 1.1 and 2.0 before the header section completes.
+        """
+        import httptools
+
+        for version in (b"1.2", b"1.9", b"2.1", b"3.0", b"0.0", b"9.9"):
+            parser = httptools.HttpRequestParser(self)
+            with self.assertRaises(httptools.HttpParserError, msg=version):
+                parser.feed_data(b"GET / HTTP/%s\r\nHost: a\r\n\r\n" % version)
