@@ -16,6 +16,9 @@ cdef class FastHTTPProtocol:
     cdef public bint _slow_busy, _paused, _write_blocked, _deadline_is_request
     cdef public Py_ssize_t _max_body_size, _body_size, _head_bytes, _completed, _head_raw, _begun
     cdef public double deadline
+    cpdef on_url(self, bytes url)
+    cpdef on_header(self, bytes name, bytes value)
+    cpdef on_body(self, bytes data)
 
 cdef class _Slot:
     cdef public object data, slow, protocol
