@@ -15,6 +15,7 @@ cdef class _OnePass:
     cdef object _seconds, _collect, _try_admit, _accepted_plain
     cdef bint _general, _keys_required, _no_cors
     cdef Py_ssize_t _event_size
+    cdef dict _ndjson_seen
     cdef _ReceivedAtFormatter _received_at
     cdef HotCounter _requests, _requests_accepted, _events_accepted
     cdef HotHistogram _duration

@@ -448,6 +448,7 @@ class _OnePass:
         self._no_cors = not core.cors.origins
         self.record_source = core.record_source
         self._accepted_plain = core._accepted(_VARY, 1, None)
+        self._ndjson_seen = _NDJSON_SEEN
         self.wire(core)
 
     def wire(self, core: IngestCore) -> None:
@@ -473,7 +474,7 @@ class _OnePass:
                 or _has_long_digit_run(body)):
             return self._collect(request, respond)
         content_type = headers.get(b"content-type")
-        if content_type is not None and _NDJSON_SEEN.get(content_type) is not False \
+        if content_type is not None and self._ndjson_seen.get(content_type) is not False \
                 and is_ndjson(content_type):
             return self._collect(request, respond)
         source = None
