@@ -14,7 +14,7 @@ cdef class FastHTTPProtocol:
     cdef public str _version
     cdef public bint connected, _in_head, _in_message, _ending, _broken, _closing
     cdef public bint _slow_busy, _paused, _write_blocked, _deadline_is_request
-    cdef public Py_ssize_t _max_body_size, _body_size, _head_bytes, _completed, _head_raw, _begun
+    cdef public Py_ssize_t _max_body_size, _max_body_digits, _body_size, _head_bytes, _completed, _head_raw, _begun
     cdef public double deadline
     cpdef on_url(self, bytes url)
     cpdef on_header(self, bytes name, bytes value)

@@ -353,6 +353,7 @@ class FastHTTPProtocol:
         self._seconds = None       # the factory's clock.seconds (connectionMade)
         self._routes: dict = {}
         self._max_body_size = 0
+        self._max_body_digits = 1
         #: clock seconds when this connection's deadline passes (0: none)
         self.deadline = 0.0
         self._deadline_is_request = False
@@ -373,6 +374,7 @@ class FastHTTPProtocol:
         self._seconds = factory.clock.seconds
         self._routes = factory.routes
         self._max_body_size = factory.max_body_size
+        self._max_body_digits = len(str(factory.max_body_size))
         factory.channels.add(self)
         transport = self.transport
         try:
@@ -527,7 +529,11 @@ class FastHTTPProtocol:
             raise _Refused(400, "bad_request", _json_error(
                 "unsupported Transfer-Encoding; only chunked is accepted"))
         length = headers.get(b"content-length")
-        if length is not None and int(length) > self._max_body_size:
+        # llhttp lets only digits (and trailing spaces) through in a
+        # Content-Length: one with fewer characters than the limit has
+        # digits is below it, and needs no int().
+        if (length is not None and len(length) >= self._max_body_digits
+                and int(length) > self._max_body_size):
             factory.on_too_large()
             raise _Refused(413, "", _too_large(factory.max_body_size))
         expect = headers.get(b"expect")

@@ -251,6 +251,27 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(headers[b"connection"], b"close")
         self.assertTrue(transport.disconnecting)
 
+    def test_content_length_at_the_limit(self):
+        """
+        The body limit (100 here) is decided on the Content-Length's
+        value, whatever its digits: leading zeros and trailing spaces
+        included.
+        """
+        for length, status in ((b"99", 202), (b"100", 202), (b"101", 413), (b"0100", 202),
+                               (b"00101", 413), (b"0000000000000000000002", 202),
+                               (b"7  ", 202), (b"1000", 413), (b"9999999999", 413)):
+            body = b"{}" if status == 202 else b""
+            data = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n%s"
+                    % (length, body))
+            protocol, transport = self.connect()
+            protocol.dataReceived(data)
+            if status == 202 and int(length) != 2:
+                # the body is still arriving: no answer yet
+                self.assertEqual(transport.value(), b"", length)
+                continue
+            [(got, _, _)] = parse_all(transport.value())
+            self.assertEqual(got, status, length)
+
     def test_http10(self):
         """
         HTTP/1.0 closes after the answer unless keep-alive was asked for.
