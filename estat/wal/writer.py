@@ -17,6 +17,17 @@ more requests share each sync: an C{fdatasync} costs the kernel 90-190 us
 of CPU on this project's disk, which at thousands of requests a second is
 most of what the log costs.  A lone request is committed at once.
 
+The thread keeps the blocks just ahead of the write position written
+(zeros, L{ZERO_AHEAD} at a time, synced) before any group reaches them.  A
+segment is preallocated, but its blocks stay "unwritten" extents until
+something is written there, and on ext4 the first write to such a block
+makes the next C{fdatasync} commit the journal (the extent changed): 71-174
+instead of 40-44 us of kernel CPU, and 220-380 instead of 130-150 us
+of wall time, for a 36 KB group on this project's disk.  Zeroing a
+megabyte at a time pays that journal commit once per megabyte instead of
+once per group; recovery already reads zeros as the unused rest of a
+segment.
+
 After a write or sync error nothing more is written: after a failed fsync
 the page cache cannot be trusted (the kernel may have dropped the dirty
 pages), so every later group fails at once with the same error.
@@ -33,7 +44,11 @@ import attr
 
 from .files import create_segment
 
-__all__ = ["GroupCommitter", "Group"]
+__all__ = ["GroupCommitter", "Group", "ZERO_AHEAD"]
+
+#: How far ahead of the write position blocks are kept written, in bytes.
+ZERO_AHEAD = 1 << 20
+_ZEROS = bytes(ZERO_AHEAD)
 
 
 @attr.s(slots=True)
@@ -80,7 +95,10 @@ class GroupCommitter:
                  sync: Callable[[int], None] = os.fdatasync,
                  timer: Callable[[], float] = time.perf_counter,
                  preallocate: bool = True, commit_delay: float = 0.001,
-                 max_group: int = 512) -> None:
+                 max_group: int = 512, zero_ahead: int = ZERO_AHEAD) -> None:
+        self.zero_ahead = min(zero_ahead, ZERO_AHEAD)
+        #: The end of the written (zeroed or logged) part of the segment.
+        self._zeroed = 0
         self.commit_delay = commit_delay
         self.max_group = max_group
         self._last_group = 0
@@ -159,6 +177,7 @@ class GroupCommitter:
                 self._last_group = len(group)
             if group:
                 self._call(self._on_group, self.commit(group))
+                self.zero_ahead_of_writes()
             elif stopping:
                 break
         if self._fd is not None:
@@ -171,6 +190,31 @@ class GroupCommitter:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.segment = fd, 0, number
+        self._zeroed = 0
+        self.zero_ahead_of_writes()
+
+    def zero_ahead_of_writes(self) -> None:
+        """
+        Write and sync zeros over the next L{zero_ahead} bytes of the
+        segment when the writes come within that of the written part (on
+        the writer thread, between groups; see the module's docstring).
+        A failure is the log's failure, as for a group.
+        """
+        chunk = self.zero_ahead
+        if (not chunk or self.error is not None or self._fd is None
+                or self._size + chunk <= self._zeroed):
+            return
+        start = max(self._zeroed, self._size)
+        end = min(start + chunk, self.segment_size)
+        if end <= start:
+            return
+        try:
+            _write_all(self._fd, memoryview(_ZEROS)[:end - start], start)
+            self._sync(self._fd)
+        except OSError as e:
+            self.error = e
+            return
+        self._zeroed = end
 
     def commit(self, queued: list) -> Group:
         """
