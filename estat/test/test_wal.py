@@ -339,6 +339,33 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         self.assertEqual(wal.low_water(), 2)
         self.assertEqual(wal.seal("segment", 2), (2, 3))
 
+    def test_durable_listeners_hear_each_group_once(self) -> None:
+        """
+        L{WriteAheadLog.append_events} gives the last sequence number of
+        the events; each group commit then tells every L{on_durable}
+        listener the highest sequence number it made durable (or the
+        error that failed it), once per group, whatever it held.
+        """
+        wal = self.make_wal()
+        self.start(wal)
+        heard = []
+        wal.on_durable(lambda seq, error: heard.append((seq, error)))
+        self.assertEqual(wal.append_events("raw", events(2)), 1)
+        self.assertEqual(wal.append_events("segment", events(3)), 4)
+        wal.committers[0].flush()
+        self.assertEqual(heard, [(4, None)])
+        self.assertEqual(wal.append_events("raw", events(1)), 5)
+        wal.committers[0].flush()
+        self.assertEqual(heard, [(4, None), (5, None)])
+        self.assertEqual(wal._pending_bytes, 0)
+        wal.committers[0].writer.error = OSError(5, "Input/output error")
+        wal.append_events("raw", events(1))
+        with capturedLogs():
+            wal.committers[0].flush()
+        self.assertEqual(heard[-1], (6, wal.committers[0].writer.error))
+        self.assertEqual(wal.append_events("raw", events(1)), "wal_failed")
+        self.assertEqual(wal._pending_bytes, 0)
+
     def test_fsync_error_stops_accepting(self) -> None:
         def broken(fd):
             raise OSError(5, "Input/output error")
@@ -466,7 +493,7 @@ class WriterThreadTests(SynchronousTestCase):
 
         def on_group(group):
             groups.append(group)
-            if sum(len(g.items) for g in groups) == 3:
+            if sum(g.records for g in groups) == 3:
                 reported.set()
 
         c = GroupCommitter(directory, 0, 1 << 20, call, on_group,
@@ -585,7 +612,7 @@ class CommitDelayTests(SynchronousTestCase):
         total = 40
 
         def on_group(group):
-            groups.append(len(group.items))
+            groups.append(group.records)
             if sum(groups) == total:
                 done.set()
 
