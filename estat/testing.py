@@ -163,7 +163,7 @@ class ManualCommitter:
     def start(self) -> None:
         self.writer._open(self.writer.segment)
 
-    def submit(self, data, max_seq, callback) -> None:
+    def submit(self, data, max_seq, callback=None) -> None:
         self.queued.append((data, max_seq, callback))
 
     def flush(self) -> None:

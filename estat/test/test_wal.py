@@ -339,6 +339,33 @@ class WriteAheadLogTests(WalMixin, SynchronousTestCase):
         self.assertEqual(wal.low_water(), 2)
         self.assertEqual(wal.seal("segment", 2), (2, 3))
 
+    def test_durable_listeners_hear_each_group_once(self) -> None:
+        """
+        L{WriteAheadLog.append_events} gives the last sequence number of
+        the events; each group commit then tells every L{on_durable}
+        listener the highest sequence number it made durable (or the
+        error that failed it), once per group, whatever it held.
+        """
+        wal = self.make_wal()
+        self.start(wal)
+        heard = []
+        wal.on_durable(lambda seq, error: heard.append((seq, error)))
+        self.assertEqual(wal.append_events("raw", events(2)), 1)
+        self.assertEqual(wal.append_events("segment", events(3)), 4)
+        wal.committers[0].flush()
+        self.assertEqual(heard, [(4, None)])
+        self.assertEqual(wal.append_events("raw", events(1)), 5)
+        wal.committers[0].flush()
+        self.assertEqual(heard, [(4, None), (5, None)])
+        self.assertEqual(wal._pending_bytes, 0)
+        wal.committers[0].writer.error = OSError(5, "Input/output error")
+        wal.append_events("raw", events(1))
+        with capturedLogs():
+            wal.committers[0].flush()
+        self.assertEqual(heard[-1], (6, wal.committers[0].writer.error))
+        self.assertEqual(wal.append_events("raw", events(1)), "wal_failed")
+        self.assertEqual(wal._pending_bytes, 0)
+
     def test_fsync_error_stops_accepting(self) -> None:
         def broken(fd):
             raise OSError(5, "Input/output error")
@@ -466,10 +493,11 @@ class WriterThreadTests(SynchronousTestCase):
 
         def on_group(group):
             groups.append(group)
-            if sum(len(g.items) for g in groups) == 3:
+            if sum(g.records for g in groups) == 3:
                 reported.set()
 
-        c = GroupCommitter(directory, 0, 1 << 20, call, on_group, sync=lambda fd: (syncs.append(fd), os.fdatasync(fd)))
+        c = GroupCommitter(directory, 0, 1 << 20, call, on_group,
+                           sync=lambda fd: (syncs.append(fd), os.fdatasync(fd)), zero_ahead=0)
         c.start()
         done = []
         for i in range(3):
@@ -494,6 +522,83 @@ class WriterThreadTests(SynchronousTestCase):
         os.close(c._fd)
 
 
+class ZeroAheadTests(SynchronousTestCase):
+    """
+    The writer keeps the blocks ahead of its writes written (zeros, synced),
+    so that a group's fdatasync does not have to commit an extent change.
+    """
+
+    def writer(self, sync=os.fdatasync, segment_size=1 << 20, zero_ahead=4096):
+        directory = temp_dir(self)
+        c = GroupCommitter(directory, 0, segment_size, None, None, sync=sync,
+                           timer=lambda: 0.0, zero_ahead=zero_ahead)
+        self.addCleanup(lambda: c._fd is not None and os.close(c._fd))
+        return directory, c
+
+    def test_opened_segment_is_zeroed_ahead(self) -> None:
+        syncs = []
+        directory, c = self.writer(sync=lambda fd: (syncs.append(fd), os.fdatasync(fd)))
+        c._open(0)
+        self.assertEqual((c._zeroed, len(syncs)), (4096, 1))
+        with open(files.segment_path(directory, 0), "rb") as f:
+            self.assertEqual(f.read(4096), bytes(4096))
+
+    def test_zeroing_follows_the_writes_and_never_overwrites_them(self) -> None:
+        """
+        Once the writes come within C{zero_ahead} of the zeroed end, the
+        next stretch is zeroed, starting after the last record.
+        """
+        directory, c = self.writer()
+        c._open(0)
+        records = [encode_events("raw", i, events(1, "x" * 900)) for i in range(6)]
+        for i, record in enumerate(records):
+            c.commit([(record, i, None)])
+            c.zero_ahead_of_writes()
+            self.assertGreaterEqual(c._zeroed, c._size + 1)
+            self.assertLessEqual(c._zeroed, c._size + 2 * 4096)
+        with open(files.segment_path(directory, 0), "rb") as f:
+            result = scan(f.read())
+        self.assertEqual([r.seq for r in result.records], list(range(6)))
+        self.assertEqual(result.damaged, [])
+
+    def test_zeroing_stops_at_the_segment_size(self) -> None:
+        directory, c = self.writer(segment_size=6000)
+        c._open(0)
+        c.commit([(encode_events("raw", 0, events(1, "x" * 3000)), 0, None)])
+        c.zero_ahead_of_writes()
+        self.assertEqual(c._zeroed, 6000)
+        self.assertEqual(os.path.getsize(files.segment_path(directory, 0)), 6000)
+
+    def test_a_failed_zeroing_fails_the_log(self) -> None:
+        """
+        A write or sync error while zeroing is the log's error: after a
+        failed fsync the page cache cannot be trusted, so the next group
+        fails with it and nothing more is written.
+        """
+        calls = []
+
+        def sync(fd):
+            calls.append(fd)
+            if len(calls) == 3:  # the zeroing at open, the group, the zeroing
+                raise OSError(5, "Input/output error")
+
+        directory, c = self.writer(sync=sync)
+        c._open(0)
+        first = c.commit([(encode_events("raw", 0, events(1, "x" * 4000)), 0, None)])
+        self.assertIsNone(first.error)
+        c.zero_ahead_of_writes()
+        self.assertIsInstance(c.error, OSError)
+        second = c.commit([(encode_events("raw", 1, events(1)), 1, None)])
+        self.assertIs(second.error, c.error)
+
+    def test_off(self) -> None:
+        syncs = []
+        directory, c = self.writer(sync=syncs.append, zero_ahead=0)
+        c._open(0)
+        c.zero_ahead_of_writes()
+        self.assertEqual((syncs, c._zeroed), ([], 0))
+
+
 class CommitDelayTests(SynchronousTestCase):
     def test_busy_writer_gathers_a_group(self) -> None:
         """
@@ -507,7 +612,7 @@ class CommitDelayTests(SynchronousTestCase):
         total = 40
 
         def on_group(group):
-            groups.append(len(group.items))
+            groups.append(group.records)
             if sum(groups) == total:
                 done.set()
 

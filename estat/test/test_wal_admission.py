@@ -278,6 +278,92 @@ class WalAdmissionTests(PipelineMixin, SynchronousTestCase):
         self.assertEqual(len(self.queue) + self.batcher.open_count, 0)
 
 
+    def test_a_group_goes_on_the_queue_in_one_offer(self) -> None:
+        """
+        The requests of one group commit go on the queue in one offer, in
+        log order, and only then are answered, in the same order.
+        """
+        self.make()
+        offers = []
+        offer = self.queue.offer
+
+        def counting_offer(evs):
+            offers.append((list(evs), list(answers)))
+            return offer(evs)
+
+        self.queue.offer = counting_offer
+        answers = []
+        for i in range(3):
+            self.admission.admit(events(i + 1, f"r{i}"), lambda r, i=i: answers.append((i, r)))
+        self.assertEqual(self.admission.waiting, 3)
+        self.commit()
+        self.assertEqual(offers, [(events(1, "r0") + events(2, "r1") + events(3, "r2"), [])])
+        self.assertEqual(answers, [(0, None), (1, None), (2, None)])
+        self.assertEqual((self.admission.waiting, self.admission._reserved), (0, 0))
+
+    def test_only_the_requests_a_group_holds_are_answered(self) -> None:
+        """
+        A group that holds only a seal (its sequence numbers below the
+        waiting requests') answers none of them; the next group does.
+        """
+        self.make()
+        answers, done = self.answers()
+        self.admission.admit(events(2), done)
+        self.commit()
+        self.admission.admit(events(1), done)
+        committer = self.committers[-1]
+        queued, committer.queued = committer.queued, []
+        d = self.wal.log_seal("collect", 0, 1, 2, START, "k", "p")
+        committer.flush()                 # the seal alone
+        self.assertEqual((self.successResultOf(d), answers), (None, [None]))
+        self.assertEqual(self.admission.waiting, 1)
+        committer.queued = queued
+        committer.flush()
+        self.assertEqual(answers, [None, None])
+        self.assertEqual(self.admission.waiting, 0)
+
+    def test_a_failed_group_refuses_all_its_requests(self) -> None:
+        """
+        A write error refuses every request of the group (none is queued
+        or acknowledged), frees their room on the queue, and every later
+        request is refused as well.
+        """
+        self.make()
+
+        def broken(fd):
+            raise OSError(5, "EIO")
+
+        self.committers[-1].writer._sync = broken
+        answers, done = self.answers()
+        for _ in range(3):
+            self.admission.admit(events(2), done)
+        with capturedLogs():
+            self.commit()
+        self.assertEqual([a.reason for a in answers], ["wal_failed"] * 3)
+        self.assertEqual((self.admission.waiting, self.admission._reserved), (0, 0))
+        self.assertEqual(len(self.queue) + self.batcher.open_count, 0)
+        self.admission.admit(events(1), done)
+        self.assertEqual(answers[3].reason, "wal_failed")
+
+    def test_stop_with_a_group_in_flight(self) -> None:
+        """
+        Stopping the log while requests wait for their group: the writer
+        commits what is queued before it stops, so each is answered; once
+        the queue is closed their events stay durable in the log only, and
+        they are still acknowledged (the next start replays them).
+        """
+        self.make()
+        answers, done = self.answers()
+        self.admission.admit(events(2), done)
+        self.admission.admit(events(1), done)
+        self.queue.close()
+        with capturedLogs() as logged:
+            self.wal.stopService()
+        self.assertEqual(answers, [None, None])
+        self.assertEqual(self.admission.waiting, 0)
+        self.assertTrue(any("left in the write-ahead log" in str(e.get("log_format"))
+                            for e in logged))
+
     def test_events_of_a_stream_no_longer_served_are_let_go(self) -> None:
         """
         Events of a stream nobody replays (switched off since the crash)

@@ -18,6 +18,7 @@ writer thread's.
 
 from __future__ import annotations
 
+import collections
 from typing import Callable
 
 import attr
@@ -76,8 +77,9 @@ class WalAdmission:
     retry_after: int = attr.ib(default=1)
     replay_concurrency: int = attr.ib(default=4)
 
-    #: Requests waiting for their group commit.
-    waiting: int = attr.ib(default=0, init=False)
+    #: C{(last seq, events, done)} of the requests waiting for their group
+    #: commit, in log order.
+    _waiters: collections.deque = attr.ib(factory=collections.deque, init=False)
     _reserved: int = attr.ib(default=0, init=False)
     _refusal: dict = attr.ib(init=False)
     _replayed: dict = attr.ib(factory=dict, init=False)
@@ -88,6 +90,14 @@ class WalAdmission:
 
     def __attrs_post_init__(self) -> None:
         self.metrics.ack_waiting_sources.append(lambda: self.waiting)
+        self.wal.on_durable(self._durable)
+
+    @property
+    def waiting(self) -> int:
+        """
+        Requests waiting for their group commit.
+        """
+        return len(self._waiters)
 
     def refusal_for(self, count: int) -> Refusal | None:
         """
@@ -107,26 +117,41 @@ class WalAdmission:
         if queue.closed or not queue.room_for(count + self._reserved):
             done(self._refusal["queue_full"])
             return
-        why = self.wal.log_events(self.stream, events,
-                                  lambda error: self._logged(events, done, error))
-        if why is not None:
-            done(self._refusal[why])
+        last = self.wal.append_events(self.stream, events)
+        if last.__class__ is str:
+            done(self._refusal[last])
             return
         self._reserved += count
-        self.waiting += 1
+        self._waiters.append((last, events, done))
 
-    def _logged(self, events: list, done: Callable, error) -> None:
+    def _durable(self, max_seq: int, error) -> None:
+        """
+        After a group commit (L{WriteAheadLog.on_durable}): the requests
+        whose events it held go on the queue in one offer, then are
+        answered, in log order.
+        """
+        waiters = self._waiters
+        if not waiters or waiters[0][0] > max_seq:
+            return
+        events: list = []
+        answers = []
+        while waiters and waiters[0][0] <= max_seq:
+            _, logged, done = waiters.popleft()
+            events += logged
+            answers.append(done)
         self._reserved -= len(events)
-        self.waiting -= 1
         if error is not None:
-            done(self._refusal["wal_failed"])
+            refusal = self._refusal["wal_failed"]
+            for done in answers:
+                done(refusal)
             return
         if not self.queue.offer(events):
             # Only when the queue closed for shutdown meanwhile: the events
             # are durable in the log, and the next start uploads them.
             self.log.warn("{count} events logged during shutdown are left in the "
                           "write-ahead log for the next start", count=len(events))
-        done(None)
+        for done in answers:
+            done(None)
 
     # --- between the batcher and the uploader ---
 

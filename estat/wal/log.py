@@ -151,6 +151,8 @@ class WriteAheadLog(Service):
     _loop: LoopingCall | None = attr.ib(default=None, init=False)
     _opened: Deferred | None = attr.ib(default=None, init=False)
     _opened_waiters: list = attr.ib(factory=list, init=False)
+    #: Called with C{(max_seq, error)} for each group: see L{on_durable}.
+    _durable_listeners: list = attr.ib(factory=list, init=False)
 
     # --- start and stop ---
 
@@ -277,20 +279,43 @@ class WriteAheadLog(Service):
             C{"wal_full"}: they would take the log past C{max_bytes}); the
             callback is then never called.
         """
+        last = self.append_events(stream, events, callback)
+        return last if last.__class__ is str else None
+
+    def append_events(self, stream: str, events: list, callback: Callable | None = None):
+        """
+        L{log_events}, for a caller that learns of durability from
+        L{on_durable} (one call per group for all its requests) instead of
+        a callback per request.
+
+        @return: the sequence number of the last of C{events} (an C{int}),
+            or why they were not logged (a C{str}, as L{log_events}).
+        """
         if self.failed is not None or self._committer is None:
             return self.refusal()
         seq = self._next_seq
         data = encode_events(stream, seq, events)
-        if self._bytes + self._pending_bytes + len(data) > self.max_bytes:
+        size = len(data)
+        if self._bytes + self._pending_bytes + size > self.max_bytes:
             self.metrics.wal_full_refusals.inc()
             return "wal_full"
         count = len(events)
-        self._next_seq = seq + count
+        last = seq + count - 1
+        self._next_seq = last + 1
         state = self._streams.get(stream) or self._stream(stream)
         state.ledger.entries.append([seq, 0, count])
-        self._pending_bytes += len(data)
-        self._committer.submit(data, seq + count - 1, callback)
-        return None
+        self._pending_bytes += size
+        self._committer.submit(data, last, callback)
+        return last
+
+    def on_durable(self, listener: Callable[[int, BaseException | None], None]) -> None:
+        """
+        Call C{listener(max_seq, error)} on the reactor thread after each
+        group commit: every events record whose sequence numbers are at
+        most C{max_seq} and that was not reported before is now durable
+        (C{error} is C{None}), or failed with C{error}.
+        """
+        self._durable_listeners.append(listener)
 
     def seal(self, stream: str, count: int) -> tuple[int, int]:
         """
@@ -381,25 +406,27 @@ class WriteAheadLog(Service):
         for number in group.opened:
             self._segments.setdefault(number, SegmentInfo(number,
                                                           segment_path(self.directory, number)))
-        self._pending_bytes -= sum(size for _, size, _ in group.items)
-        if group.error is None:
+        self._pending_bytes -= group.size
+        error = group.error
+        if error is None:
             self._active = max(self._active, group.segment)
             info = self._segments.get(group.segment)
             if info is None:
                 info = self._segments[group.segment] = SegmentInfo(
                     group.segment, segment_path(self.directory, group.segment))
             info.size += group.size
-            info.max_seq = max(info.max_seq, max(seq for seq, _, _ in group.items))
+            if group.max_seq > info.max_seq:
+                info.max_seq = group.max_seq
             self._bytes += group.size
             self.metrics.wal_commit_duration.observe(group.duration)
-            self.metrics.wal_commit_batch_size.observe(len(group.items))
+            self.metrics.wal_commit_batch_size.observe(group.records)
             self._update_gauges()
-            for _, _, callback in group.items:
-                callback(None)
-            return
-        self._fail(f"{type(group.error).__name__}: {group.error}")
-        for _, _, callback in group.items:
-            callback(group.error)
+        else:
+            self._fail(f"{type(error).__name__}: {error}")
+        for callback in group.callbacks:
+            callback(error)
+        for listener in self._durable_listeners:
+            listener(group.max_seq, error)
 
     def _fail(self, why: str) -> None:
         if self.failed is not None:

@@ -17,6 +17,17 @@ more requests share each sync: an C{fdatasync} costs the kernel 90-190 us
 of CPU on this project's disk, which at thousands of requests a second is
 most of what the log costs.  A lone request is committed at once.
 
+The thread keeps the blocks just ahead of the write position written
+(zeros, L{ZERO_AHEAD} at a time, synced) before any group reaches them.  A
+segment is preallocated, but its blocks stay "unwritten" extents until
+something is written there, and on ext4 the first write to such a block
+makes the next C{fdatasync} commit the journal (the extent changed): 71-174
+instead of 40-44 us of kernel CPU, and 220-380 instead of 130-150 us
+of wall time, for a 36 KB group on this project's disk.  Zeroing a
+megabyte at a time pays that journal commit once per megabyte instead of
+once per group; recovery already reads zeros as the unused rest of a
+segment.
+
 After a write or sync error nothing more is written: after a failed fsync
 the page cache cannot be trusted (the kernel may have dropped the dirty
 pages), so every later group fails at once with the same error.
@@ -33,7 +44,11 @@ import attr
 
 from .files import create_segment
 
-__all__ = ["GroupCommitter", "Group"]
+__all__ = ["GroupCommitter", "Group", "ZERO_AHEAD"]
+
+#: How far ahead of the write position blocks are kept written, in bytes.
+ZERO_AHEAD = 1 << 20
+_ZEROS = bytes(ZERO_AHEAD)
 
 
 @attr.s(slots=True)
@@ -41,15 +56,22 @@ class Group:
     """
     One group commit, as reported to the reactor.
 
-    @ivar items: C{[(max_seq, size, callback)]} in submission order.
+    @ivar callbacks: the callbacks given with records, in submission order.
+    @ivar records: how many records the group held.
+    @ivar max_seq: the highest C{max_seq} of its records.  Events records
+        are submitted in sequence order, so every events record whose
+        numbers are at most this is durable once the group is (or failed
+        with it).
     @ivar segment: the number of the segment the group went to.
     @ivar opened: numbers of segments created for this group (a roll).
-    @ivar size: bytes written.
+    @ivar size: bytes of its records (written, unless it failed).
     @ivar duration: seconds of write + sync.
     @ivar error: the C{OSError} that failed it, or C{None}.
     """
 
-    items: list = attr.ib()
+    callbacks: list = attr.ib()
+    records: int = attr.ib(default=0)
+    max_seq: int = attr.ib(default=-1)
     segment: int = attr.ib(default=-1)
     opened: list = attr.ib(factory=list)
     size: int = attr.ib(default=0)
@@ -80,7 +102,10 @@ class GroupCommitter:
                  sync: Callable[[int], None] = os.fdatasync,
                  timer: Callable[[], float] = time.perf_counter,
                  preallocate: bool = True, commit_delay: float = 0.001,
-                 max_group: int = 512) -> None:
+                 max_group: int = 512, zero_ahead: int = ZERO_AHEAD) -> None:
+        self.zero_ahead = min(zero_ahead, ZERO_AHEAD)
+        #: The end of the written (zeroed or logged) part of the segment.
+        self._zeroed = 0
         self.commit_delay = commit_delay
         self.max_group = max_group
         self._last_group = 0
@@ -94,7 +119,10 @@ class GroupCommitter:
         self._timer = timer
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._queue: list = []
+        # What is submitted and not yet taken as a group (under the lock).
+        self._records: list = []
+        self._callbacks: list = []
+        self._max_seq = -1
         self._stopping = False
         self._on_stopped: Callable | None = None
         self._thread: threading.Thread | None = None
@@ -108,17 +136,22 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="estat-wal-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, data: bytes, max_seq: int, callback: Callable) -> None:
+    def submit(self, data: bytes, max_seq: int, callback: Callable | None = None) -> None:
         """
-        Queue one encoded record; C{callback(error)} is called on the
-        reactor thread once it is durable (C{error} is C{None}) or failed.
+        Queue one encoded record; C{callback(error)}, when given, is called
+        on the reactor thread once it is durable (C{error} is C{None}) or
+        failed.  Either way the group reports it in L{Group.max_seq}.
         """
         lock = self._lock
         lock.acquire()  # (not "with self._cond": a Python-level call per request)
         try:
-            queue = self._queue
-            queue.append((data, max_seq, callback))
-            if len(queue) == 1:
+            records = self._records
+            records.append(data)
+            if callback is not None:
+                self._callbacks.append(callback)
+            if max_seq > self._max_seq:
+                self._max_seq = max_seq
+            if len(records) == 1:
                 self._cond.notify()
         finally:
             lock.release()
@@ -144,21 +177,23 @@ class GroupCommitter:
             self.error = e
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._records and not self._stopping:
                     self._cond.wait()
                 if self.commit_delay and self._last_group > 1:
                     # Busy: let a few more requests join this sync.
                     deadline = time.monotonic() + self.commit_delay
-                    while len(self._queue) < self.max_group and not self._stopping:
+                    while len(self._records) < self.max_group and not self._stopping:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(left)
-                group, self._queue = self._queue, []
+                records, callbacks, max_seq = self._records, self._callbacks, self._max_seq
+                self._records, self._callbacks, self._max_seq = [], [], -1
                 stopping = self._stopping
-                self._last_group = len(group)
-            if group:
-                self._call(self._on_group, self.commit(group))
+                self._last_group = len(records)
+            if records:
+                self._call(self._on_group, self._commit(records, callbacks, max_seq))
+                self.zero_ahead_of_writes()
             elif stopping:
                 break
         if self._fd is not None:
@@ -171,17 +206,47 @@ class GroupCommitter:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.segment = fd, 0, number
+        self._zeroed = 0
+        self.zero_ahead_of_writes()
+
+    def zero_ahead_of_writes(self) -> None:
+        """
+        Write and sync zeros over the next L{zero_ahead} bytes of the
+        segment when the writes come within that of the written part (on
+        the writer thread, between groups; see the module's docstring).
+        A failure is the log's failure, as for a group.
+        """
+        chunk = self.zero_ahead
+        if (not chunk or self.error is not None or self._fd is None
+                or self._size + chunk <= self._zeroed):
+            return
+        start = max(self._zeroed, self._size)
+        end = min(start + chunk, self.segment_size)
+        if end <= start:
+            return
+        try:
+            _write_all(self._fd, memoryview(_ZEROS)[:end - start], start)
+            self._sync(self._fd)
+        except OSError as e:
+            self.error = e
+            return
+        self._zeroed = end
 
     def commit(self, queued: list) -> Group:
         """
-        Write and sync one group (on the writer thread).
+        Write and sync one group of C{[(data, max_seq, callback)]} (on the
+        writer thread).
         """
-        items = [(max_seq, len(data), callback) for data, max_seq, callback in queued]
-        group = Group(items)
+        return self._commit([data for data, _, _ in queued],
+                            [callback for _, _, callback in queued if callback is not None],
+                            max(max_seq for _, max_seq, _ in queued))
+
+    def _commit(self, records: list, callbacks: list, max_seq: int) -> Group:
+        data = b"".join(records) if len(records) > 1 else records[0]
+        group = Group(callbacks, len(records), max_seq, size=len(data))
         if self.error is not None:
             group.error = self.error
             return group
-        data = b"".join([data for data, _, _ in queued]) if len(queued) > 1 else queued[0][0]
         started = self._timer()
         try:
             if self._size and self._size + len(data) > self.segment_size:
@@ -193,6 +258,5 @@ class GroupCommitter:
         except OSError as e:
             self.error = group.error = e
         group.segment = self.segment
-        group.size = len(data)
         group.duration = self._timer() - started
         return group
