@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hotpath import _Sink, event  # noqa: E402
+from hotpath import _Sink, best_time, event, posts  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
@@ -52,9 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(7)
     bodies = [event(rng, n) for n in range(2000)]
-    requests = [b"POST /collect HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
-                for b in bodies]
+    requests = posts(bodies)
     clock = Clock()
     clock.advance(1764000000)
     metrics = Metrics(CollectorRegistry())
@@ -120,16 +118,7 @@ def main() -> int:
         return time.process_time() - started
 
     run(500)
-    if args.profile:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run(args.requests)
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    best = min(run(args.requests) for _ in range(args.reps))
+    best = best_time(run, args.requests, args.reps, args.profile)
     print(f"disk path: {best / args.requests * 1e6:.2f} us reactor-thread CPU per one-event "
           f"request (groups of {args.group})")
     return 0

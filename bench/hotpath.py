@@ -80,6 +80,32 @@ class _Sink:
         pass
 
 
+def posts(bodies: list) -> list:
+    """
+    One keep-alive C{POST /collect} per body, as wrk sends them.
+    """
+    return [b"POST /collect HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+            for b in bodies]
+
+
+def best_time(run, requests: int, reps: int, profile: bool) -> float:
+    """
+    The least CPU seconds of C{reps} calls of C{run(requests)}, after one
+    under cProfile (its 25 costliest functions printed) if C{profile}.
+    """
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(requests)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return min(run(requests) for _ in range(reps))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=50000)
@@ -103,9 +129,7 @@ def main() -> int:
     if args.batch > 1:
         bodies = [b"[" + b",".join(bodies[i:i + args.batch]) + b"]"
                   for i in range(0, 2000, args.batch)] * args.batch
-    requests = [b"POST /collect HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
-                for b in bodies]
+    requests = posts(bodies)
     clock = Clock()
     clock.advance(1764000000)
     metrics = Metrics(CollectorRegistry())
@@ -153,16 +177,7 @@ def main() -> int:
     if args.only_run:
         run(args.requests)
         return 0
-    if args.profile:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run(args.requests)
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    best = min(run(args.requests) for _ in range(args.reps))
+    best = best_time(run, args.requests, args.reps, args.profile)
     per_request = best / args.requests * 1e6
     print(f"hot path: {per_request:.2f} us CPU per {args.batch}-event request, "
           f"{per_request / args.batch:.2f} us per event "
