@@ -117,7 +117,7 @@ class Batcher(Service):
         """
         Events in sealed batches not yet stored or dead-lettered.
         """
-        return sum(b.count for b in self._inflight.values())
+        return sum(self._inflight.values())
 
     def _has_slot(self) -> bool:
         return len(self._inflight) < self.max_pending
@@ -194,11 +194,14 @@ class Batcher(Service):
         self._dispatch(batch, self.sink)
 
     def _dispatch(self, batch: Batch, sink: Callable[[Batch], Deferred]) -> None:
+        # Only the batch's count and key are kept here: once the sink has
+        # encoded the batch, its raw events can be freed while the encoded
+        # object waits for the store.
         token = object()
-        self._inflight[token] = batch
+        self._inflight[token] = batch.count
         self.metrics.batches_pending.set(len(self._inflight))
         d = maybeDeferred(sink, batch)
-        d.addErrback(self._sink_failed, batch)
+        d.addErrback(self._sink_failed, batch.key, batch.count)
         d.addBoth(self._batch_done, token)
 
     def replay(self, sealed: list, events: list, sink: Callable[[Batch], Deferred]) -> None:
@@ -218,13 +221,13 @@ class Batcher(Service):
             while self.open_count >= self.batch_size:
                 self._seal("replay")
 
-    def _sink_failed(self, failure, batch: Batch) -> None:
+    def _sink_failed(self, failure, key: str, count: int) -> None:
         # The uploader promises never to fail; if it does, say so loudly.
         self.metrics.loop_errors.labels("uploader").inc()
-        self.metrics.dlq_events_dropped.inc(batch.count)
-        self.metrics.events_dropped.labels("unexpected_error").inc(batch.count)
+        self.metrics.dlq_events_dropped.inc(count)
+        self.metrics.events_dropped.labels("unexpected_error").inc(count)
         self.log.failure("batch {key} failed unexpectedly; {count} events lost",
-                         failure, key=batch.key, count=batch.count)
+                         failure, key=key, count=count)
 
     def _batch_done(self, _, token) -> None:
         del self._inflight[token]

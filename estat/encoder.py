@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from itertools import chain
+
 import attr
 
 import deflate
@@ -119,11 +121,18 @@ def _poison_line(event: UnencodedEvent, error: BaseException) -> bytes:
     return json.dumps(record, ensure_ascii=True, default=repr).encode("ascii")
 
 
+#: What ends the last line.
+_LAST = (b"",)
+
+
 def encode_object(key: str, lines: list, level: int, poison: bool = False) -> EncodedObject:
     """
     gzip C{lines} (bytes without newlines) as one JSON Lines object.
     """
-    body = gzip_bytes(b"\n".join(lines) + b"\n", level)
+    # One join, its last line ending too: no second copy of the batch's
+    # text for the final newline (join makes a list of the chain: pointers,
+    # not text).
+    body = gzip_bytes(b"\n".join(chain(lines, _LAST)), level)
     return EncodedObject(key=key, body=body, count=len(lines),
                          content_md5=content_md5(body), poison=poison)
 

@@ -95,13 +95,18 @@ class Uploader:
         return Deferred.fromCoroutine(self._upload(batch, encoder or self.encoder))
 
     async def _upload(self, batch: Batch, encoder: IEncoder) -> bool:
+        key, count = batch.key, batch.count
         try:
             objects = await self.run_in_thread(encoder.encode, batch)
         except Exception:
             self.log.failure("could not encode batch {key} ({count} events dropped)",
-                             key=batch.key, count=batch.count)
-            self._dropped("encode_failed", batch.count)
+                             key=key, count=count)
+            self._dropped("encode_failed", count)
             return False
+        # The raw events are not needed once encoded: drop this frame's
+        # reference, so that only the encoded objects wait for the store
+        # (the batcher keeps only the count, see Batcher._dispatch).
+        del batch
         kept = True
         for obj in objects:
             for column, count in obj.misfits:
@@ -111,7 +116,7 @@ class Uploader:
                 self.log.warn(
                     "{count} events of batch {key} could not be encoded; "
                     "their raw originals go to {poison_key}",
-                    count=obj.count, key=batch.key, poison_key=obj.key)
+                    count=obj.count, key=key, poison_key=obj.key)
             try:
                 if not await self.deliver(obj):
                     kept = False

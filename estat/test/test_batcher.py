@@ -5,6 +5,9 @@ Tests for L{estat.batcher}.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -256,6 +259,35 @@ class OneTurnTests(BatcherTestsMixin, SynchronousTestCase):
         sink.deferreds[0].callback(None)
         self.assertEqual(len(sink.batches), 2)
         self.assertTrue(self.queue.offer([event(START, 4), event(START, 5)]))
+
+
+class ReleaseTests(BatcherTestsMixin, SynchronousTestCase):
+    def test_pending_batch_is_not_kept(self):
+        """
+        The batcher keeps only the count of a batch on its way to the store,
+        not the batch: once the sink lets go of it (an uploader does once it
+        is encoded), its raw events can be freed. C{pending_events} still
+        counts them until the sink fires.
+        """
+        kept = []
+
+        def sink(batch):
+            kept.append(weakref.ref(batch))
+            d = Deferred()
+            kept.append(d)
+            return d
+
+        self.make_batcher(sink=sink, batch_size=2)
+        self.offer_one(START, 0)
+        self.offer_one(START, 1)
+        ref, d = kept
+        gc.collect()
+        self.assertIsNone(ref())
+        self.assertEqual(self.batcher.pending_batches, 1)
+        self.assertEqual(self.batcher.pending_events, 2)
+        d.callback(None)
+        self.assertEqual(self.batcher.pending_batches, 0)
+        self.assertEqual(self.batcher.pending_events, 0)
 
 
 class MaxPendingTests(BatcherTestsMixin, SynchronousTestCase):

@@ -5,7 +5,9 @@ Tests for L{estat.uploader}.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail
@@ -126,6 +128,40 @@ class StoreTests(UploaderTestsMixin, SynchronousTestCase):
         self.assertEqual(f, self.uploader.encoder.encode)
         self.assertIs(args[0], batch)
 
+        runner.run_all()
+        self.successResultOf(d)
+        self.assertEqual(read_lines(self.store.objects[KEY]), [line(0), line(1)])
+
+
+    def test_raw_events_are_freed_while_the_put_waits(self):
+        """
+        Once a batch is encoded, the uploader keeps no reference to it: while
+        the store's put is still unanswered, only the encoded object is in
+        memory, not the batch's raw events.
+        """
+        self.make_uploader(failures=["hang"])
+        batch = make_batch(count=3)
+        events = weakref.ref(batch)
+        d = self.uploader.upload(batch)
+        del batch
+        gc.collect()
+        self.assertEqual(len(self.store.puts), 1)
+        self.assertNoResult(d)
+        self.assertIsNone(events())
+
+    def test_raw_events_are_kept_until_encoded(self):
+        """
+        Until the encoder has run, the batch is kept (the uploader has only
+        handed it to the thread runner).
+        """
+        runner = DeferredThreadRunner()
+        self.make_uploader(run_in_thread=runner)
+        batch = make_batch(count=2)
+        events = weakref.ref(batch)
+        d = self.uploader.upload(batch)
+        del batch
+        gc.collect()
+        self.assertIsNotNone(events())
         runner.run_all()
         self.successResultOf(d)
         self.assertEqual(read_lines(self.store.objects[KEY]), [line(0), line(1)])
