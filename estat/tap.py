@@ -32,6 +32,7 @@ from .http.transport import server_endpoint
 from .ingest.admission import WaitingQueueAdmission
 from .ingest.core import IngestCore, QueueAdmission
 from .keys import KeyMaker, default_instance_id, sanitize
+from .malloc import one_arena
 from .metrics import Metrics
 from .queue import EventQueue
 from .ingest.segment_rules import SegmentLimits
@@ -687,6 +688,8 @@ def makeService(options, reactor=None, environ=None, argv=None):
         from twisted.internet import reactor
     environ = os.environ if environ is None else environ
     config = options.config
+    # Before any thread allocates (see estat.malloc).
+    one_arena(environ)
     slot = None
     endpoint = None
     from .workers.worker import worker_slot

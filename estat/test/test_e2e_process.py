@@ -253,6 +253,50 @@ def test_both_reactors_store_every_event_once(start_estat, options, reactor_line
     assert sorted(e["n"] for e in stored) == sent
 
 
+def thread_heaps(pid: int) -> int:
+    """
+    The glibc arenas of threads in process C{pid}: each is a 64 MiB
+    mapping, aligned to 64 MiB, of an C{rw-p} part and a C{---p} rest.
+    """
+    size = 64 << 20
+    regions = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            regions.append((start, end, perms))
+    heaps = 0
+    for (start, end, perms), (start2, end2, perms2) in zip(regions, regions[1:]):
+        if (start % size == 0 and perms == "rw-p" and perms2 == "---p" and end == start2
+                and end2 - start == size):
+            heaps += 1
+    return heaps
+
+
+@pytest.mark.parametrize("env, heaps", [({}, 0), ({"MALLOC_ARENA_MAX": "8"}, None)])
+def test_one_malloc_arena(start_estat, env, heaps):
+    """
+    The real server runs on one glibc arena (estat.malloc): after its
+    worker threads have encoded and stored batches, no thread has an arena
+    of its own.  With C{MALLOC_ARENA_MAX} set, glibc's setting is left as
+    it is, and the worker threads get theirs.
+    """
+    estat = start_estat({"BATCH_SIZE": "50", "FLUSH_INTERVAL": "60s", **env})
+    for n in range(400):
+        status, answer = estat.post(json_bytes(make_event(0, n)))
+        assert status == 202, answer
+    wait_until(lambda: len(stored_events_local(estat.store_dir)) == 400, 30, 0.1,
+               "400 events stored")
+    if heaps is None:
+        assert thread_heaps(estat.pid) > 0
+        assert "MALLOC_ARENA_MAX=8 from the environment" in estat.log()
+    else:
+        assert thread_heaps(estat.pid) == heaps
+        assert "malloc arenas: one for the process" in estat.log()
+    estat.terminate()
+    assert estat.wait(30) == 0, estat.log_tail()
+
+
 def test_help_lists_every_setting(tmp_path):
     result = subprocess.run([TWISTD, "-n", "--pidfile=", "estat", "--help"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
