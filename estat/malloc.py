@@ -9,7 +9,7 @@ megabytes stay in the thread's arena, and each arena keeps its own.  In
 C{make bench}'s batch-s3 scenario (uploads slower than ingest, every
 pending batch slot full) the process grew from 93 to 107 MB over 90
 seconds; with one arena it stayed at 90-93 MB, for the same CPU per event
-(C{bench/RESULTS.md}, "Memory: one malloc arena").  Nearly every
+(C{bench/RESULTS.md}, section "Memory").  Nearly every
 allocation happens under the GIL, so the threads gain nothing from
 arenas of their own.
 
@@ -45,22 +45,21 @@ def _glibc_mallopt() -> Callable[[int, int], int] | None:
     return mallopt
 
 
-def one_arena(environ: Mapping[str, str], mallopt: Callable[[int, int], int] | None = None,
+def one_arena(environ: Mapping[str, str],
               find: Callable[[], Callable[[int, int], int] | None] = _glibc_mallopt) -> bool:
     """
     Limit glibc to one malloc arena, before any worker thread starts.
 
     @param environ: the process environment; C{MALLOC_ARENA_MAX} there wins.
-    @param mallopt: C{mallopt(param, value) -> int}; by default glibc's,
-        found by C{find} (C{None} when the C library is not glibc).
+    @param find: returns C{mallopt(param, value) -> int}, or C{None} when
+        the C library is not glibc.
     @return: whether the limit was set.
     """
     if "MALLOC_ARENA_MAX" in environ:
         log.info("malloc arenas: MALLOC_ARENA_MAX={value} from the environment",
                  value=environ["MALLOC_ARENA_MAX"])
         return False
-    if mallopt is None:
-        mallopt = find()
+    mallopt = find()
     if mallopt is None:
         return False
     if mallopt(M_ARENA_MAX, 1) != 1:

@@ -46,6 +46,17 @@ ARENAS = textwrap.dedent("""
 """)
 
 
+def fake_mallopt(calls: list, answer: int = 1):
+    """
+    A C{find} for L{one_arena} whose mallopt records its calls in C{calls}
+    and returns C{answer}.
+    """
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return answer
+    return lambda: mallopt
+
+
 class OneArenaTests(SynchronousTestCase):
     def setUp(self):
         self.events = []
@@ -58,7 +69,7 @@ class OneArenaTests(SynchronousTestCase):
         one arena.
         """
         calls = []
-        self.assertTrue(one_arena({}, lambda p, v: calls.append((p, v)) or 1))
+        self.assertTrue(one_arena({}, fake_mallopt(calls)))
         self.assertEqual(calls, [(M_ARENA_MAX, 1)])
 
     def test_environment_wins(self):
@@ -68,7 +79,7 @@ class OneArenaTests(SynchronousTestCase):
         """
         calls = []
         self.assertFalse(one_arena({"MALLOC_ARENA_MAX": "4"},
-                                   lambda p, v: calls.append((p, v)) or 1))
+                                   fake_mallopt(calls)))
         self.assertEqual(calls, [])
         self.assertIn("MALLOC_ARENA_MAX=4", formatEvent(self.events[-1]))
 
@@ -76,14 +87,16 @@ class OneArenaTests(SynchronousTestCase):
         """
         Where the C library is not glibc, nothing is done and nothing fails.
         """
-        self.assertFalse(one_arena({}, find=lambda: None))
+        self.assertFalse(one_arena({}, lambda: None))
 
     def test_mallopt_refuses(self):
         """
         A mallopt that refuses (returns 0) leaves glibc's default, with a
         warning.
         """
-        self.assertFalse(one_arena({}, lambda p, v: 0))
+        calls = []
+        self.assertFalse(one_arena({}, fake_mallopt(calls, answer=0)))
+        self.assertEqual(calls, [(M_ARENA_MAX, 1)])
         [event] = [e for e in self.events if e.get("log_level") is not None
                    and e["log_level"].name == "warn"]
         self.assertIn("failed", event["log_format"])
